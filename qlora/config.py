@@ -1,0 +1,133 @@
+"""The one run configuration: what gets trained, how, and on what.
+
+`RunConfig` is frozen and validated on construction, so every other module can trust it; `asdict(cfg)` is what
+goes into every result record.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Literal, get_args
+
+Method = Literal["full", "lora", "qlora"]
+QuantType = Literal["nf4", "fp4"]
+DType = Literal["bf16", "fp16", "fp32"]
+Optimizer = Literal["adamw", "adamw8bit", "paged_adamw8bit"]
+# bf16: everything (weights, gradients, optimizer moments) in bf16. mixed: bf16 model, fp32 master copy of the
+# trainable parameters held by the optimizer. fp32: everything in fp32 (the CPU-friendly reference).
+Precision = Literal["bf16", "mixed", "fp32"]
+
+# All seven projections of a Llama/Mistral/Qwen2 block: the QLoRA paper's finding is that adapting every linear
+# layer is what closes the gap to full fine-tuning.
+LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class ConfigError(ValueError):
+    """Bad user input. The CLI turns it into exit code 2 with its one-line message."""
+
+
+def _choice(name: str, value, literal) -> None:
+    allowed = get_args(literal)
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _positive(name: str, value, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{name} must be an integer > 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One fine-tuning run. QLoRA is LoRA with a 4-bit base; Full FT is no adapter."""
+
+    model: str = "tiny-llama"
+    method: Method = "qlora"
+    # 4-bit base (qlora only). transformers defaults to fp4 / no double quant / fp32 compute; QLoRA is these.
+    quant_type: QuantType = "nf4"
+    double_quant: bool = True
+    compute_dtype: DType = "bf16"
+    # LoRA (lora and qlora). alpha/r scales the update; r sets adapter memory linearly.
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_targets: tuple[str, ...] = LLAMA_TARGETS
+    optimizer: Optimizer = "adamw"
+    lr: float | None = None  # None: the method's default (see default_lr)
+    precision: Precision = "bf16"
+    batch_size: int = 1
+    seq_len: int = 512
+    grad_checkpointing: bool = False
+    steps: int = 3
+    seed: int = 0
+    device: str = "cpu"
+    layers: int | None = None  # reduced depth: build only this many decoder layers (same width)
+
+    def __post_init__(self) -> None:
+        _choice("method", self.method, Method)
+        _choice("quant_type", self.quant_type, QuantType)
+        _choice("compute_dtype", self.compute_dtype, DType)
+        _choice("optimizer", self.optimizer, Optimizer)
+        _choice("precision", self.precision, Precision)
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise ConfigError(f"model must be a non-empty name or path, got {self.model!r}")
+        for name in ("lora_r", "lora_alpha", "batch_size", "seq_len", "steps"):
+            _positive(name, getattr(self, name))
+        _positive("layers", self.layers, allow_none=True)
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if isinstance(self.lora_targets, str) or not self.lora_targets:
+            raise ConfigError(f"lora_targets must be a non-empty tuple of module names, got {self.lora_targets!r}")
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr!r}")
+        if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
+            raise ConfigError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
+        if self.optimizer == "paged_adamw8bit" and not self.device.startswith("cuda"):
+            raise ConfigError(
+                f"optimizer paged_adamw8bit pages state through CUDA unified memory and needs a CUDA device; "
+                f"got device {self.device!r}"
+            )
+
+    @property
+    def adapter(self) -> bool:
+        return self.method in ("lora", "qlora")
+
+    @property
+    def quantized(self) -> bool:
+        return self.method == "qlora"
+
+    @property
+    def effective_lr(self) -> float:
+        return self.lr if self.lr is not None else default_lr(self.method)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["lora_targets"] = list(self.lora_targets)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
+        d = dict(d)
+        if "lora_targets" in d:
+            d["lora_targets"] = tuple(d["lora_targets"])
+        return cls(**d)
+
+
+def default_lr(method: str) -> float:
+    """Learning rates that work for short runs: adapters tolerate (and need) a much larger one than Full FT."""
+    return {"full": 2e-5, "lora": 2e-4, "qlora": 2e-4}[method]
+
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, DTYPES[name])

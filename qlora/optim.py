@@ -1,0 +1,78 @@
+"""Optimizers: torch AdamW, bitsandbytes' 8-bit and paged 8-bit AdamW, optionally over fp32 master weights."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qlora.config import ConfigError, RunConfig
+
+
+def _inner(cfg: RunConfig, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+    lr = cfg.effective_lr
+    if cfg.optimizer == "adamw":
+        # weight_decay=0: decay on LoRA factors is not what the QLoRA recipe does, and it keeps methods comparable.
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    import bitsandbytes as bnb
+
+    cls = {"adamw8bit": bnb.optim.AdamW8bit, "paged_adamw8bit": bnb.optim.PagedAdamW8bit}[cfg.optimizer]
+    return cls(params, lr=lr, weight_decay=0.0)
+
+
+class MasterWeightOptimizer:
+    """Mixed precision: the model keeps bf16 parameters, the optimizer updates fp32 master copies of them.
+
+    Gradients arrive in bf16 on the model's parameters, are upcast onto the masters, and the updated masters are
+    copied back. The masters are part of the optimizer's memory (DESIGN.md, category `optimizer`).
+    """
+
+    def __init__(self, cfg: RunConfig, params: list[nn.Parameter]):
+        self.params = params
+        self.masters = [p.detach().float().clone().requires_grad_(True) for p in params]
+        self.inner = _inner(cfg, self.masters)
+
+    @property
+    def state(self):
+        return self.inner.state
+
+    @property
+    def param_groups(self):
+        return self.inner.param_groups
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for p, m in zip(self.params, self.masters, strict=True):
+            m.grad = None if p.grad is None else p.grad.float()
+        self.inner.step()
+        for p, m in zip(self.params, self.masters, strict=True):
+            p.copy_(m)
+            m.grad = None  # free the fp32 gradient copy at once
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        return self.masters + optimizer_state_tensors(self.inner)
+
+
+def make_optimizer(cfg: RunConfig, model: nn.Module):
+    """The optimizer cfg asks for over the model's trainable parameters. Raises ConfigError if unsupported here."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError(f"method {cfg.method!r} left no trainable parameters in {cfg.model}")
+    if cfg.optimizer != "adamw" and params[0].device.type not in ("cuda", "cpu", "xpu"):
+        raise ConfigError(f"optimizer {cfg.optimizer} is not supported on device {params[0].device.type}")
+    if cfg.precision == "mixed":
+        return MasterWeightOptimizer(cfg, params)
+    return _inner(cfg, params)
+
+
+def optimizer_state_tensors(opt) -> list[torch.Tensor]:
+    """Every tensor the optimizer holds as state (moments, 8-bit quantisation constants, fp32 masters)."""
+    if isinstance(opt, MasterWeightOptimizer):
+        return opt.state_tensors()
+    out = []
+    for state in opt.state.values():
+        out += [v for v in state.values() if isinstance(v, torch.Tensor)]
+    return out

@@ -1,0 +1,60 @@
+"""The training step and a short training loop over packed text."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from qlora import data
+from qlora.build import Built
+from qlora.config import ConfigError, RunConfig
+
+
+@dataclass(frozen=True)
+class Step:
+    loss: float
+    seconds: float
+    tokens: int
+
+
+def train_step(model: nn.Module, optimizer, batch: torch.Tensor) -> float:
+    """One optimisation step on a batch of token ids (labels = inputs, shifted inside the model). Returns the loss."""
+    out = model(input_ids=batch, labels=batch)
+    loss = out.loss
+    del out  # drop the logits before backward, or they stay live through the whole step
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def corpus_blocks(built: Built, cfg: RunConfig, text: str | None = None) -> torch.Tensor:
+    """The training text (default: the Shakespeare corpus) tokenised for this model and packed to cfg.seq_len."""
+    tokenizer = built.tokenizer or data.ByteTokenizer()
+    vocab = built.hf_config.vocab_size
+    if isinstance(tokenizer, data.ByteTokenizer) and vocab < tokenizer.vocab_size:
+        raise ConfigError(f"model {cfg.model} has vocab_size {vocab} < 256 and no tokenizer; byte tokens do not fit")
+    return data.pack(data.encode(tokenizer, text if text is not None else data.shakespeare()), cfg.seq_len)
+
+
+def train(built: Built, cfg: RunConfig, optimizer, blocks: torch.Tensor, steps: int | None = None) -> list[Step]:
+    """Run cfg.steps (or `steps`) optimisation steps on shuffled batches of `blocks`; returns one Step each."""
+    device = next(built.model.parameters()).device
+    it = data.batches(blocks, cfg.batch_size, cfg.seed)
+    out = []
+    for _ in range(steps if steps is not None else cfg.steps):
+        batch = next(it).to(device)
+        _sync(device)
+        t0 = time.perf_counter()
+        loss = train_step(built.model, optimizer, batch)  # .item() inside synchronises the loss, not the step
+        _sync(device)
+        out.append(Step(loss, time.perf_counter() - t0, batch.numel()))
+    return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
