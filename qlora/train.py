@@ -20,15 +20,27 @@ class Step:
     tokens: int
 
 
-def train_step(model: nn.Module, optimizer, batch: torch.Tensor) -> float:
-    """One optimisation step on a batch of token ids (labels = inputs, shifted inside the model). Returns the loss."""
+def train_step(model: nn.Module, optimizer, batch: torch.Tensor, on_phase=None) -> float:
+    """One optimisation step on a batch of token ids (labels = inputs, shifted inside the model). Returns the loss.
+
+    `on_phase(name)`, if given, is called as the step enters "forward", "backward", "optimizer", "zero_grad" and
+    at its "end": the memory ledger uses it to place the peak and to see gradients and optimizer state.
+    """
+    phase = on_phase or (lambda name: None)
+    phase("forward")
     out = model(input_ids=batch, labels=batch)
     loss = out.loss
     del out  # drop the logits before backward, or they stay live through the whole step
+    phase("backward")
     loss.backward()
+    phase("optimizer")
     optimizer.step()
+    phase("zero_grad")
     optimizer.zero_grad(set_to_none=True)
-    return loss.item()
+    value = loss.item()
+    del loss
+    phase("end")
+    return value
 
 
 def corpus_blocks(built: Built, cfg: RunConfig, text: str | None = None) -> torch.Tensor:

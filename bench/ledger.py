@@ -1,0 +1,214 @@
+"""A live-tensor ledger: every storage created and freed during a training step, the peak, and what it held.
+
+A `TorchDispatchMode` sees every op's outputs; each new storage gets a record, and a weakref finaliser on its
+`UntypedStorage` (whose identity is stable across views) fires when the memory is really freed, autograd's saved
+tensors included. At the peak the live records are sorted into DESIGN.md's categories, which sum to `peak`.
+
+Blind spots (cross-check with the device probes): memory allocated inside a kernel or custom op (bitsandbytes'
+gemm_4bit dequantises a whole weight internally), storage `resize_`, and tensors not produced by an op (a few
+tiny scalars). Under a Python dispatch mode `torch.compile` runs eager code.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from qlora import quantize
+from qlora.optim import optimizer_state_tensors
+
+CATEGORIES = ("weights", "quant_state", "adapter", "gradients", "optimizer", "activations", "other")
+STATIC = CATEGORIES[:5]
+TIMELINE_POINTS = 300
+
+
+@dataclass
+class Rec:
+    """One storage's life: bytes, when it was born and died (event numbers), and what it turned out to be."""
+
+    nbytes: int
+    born: int
+    died: int | None = None
+    tag: str | None = None  # a static category, once the tensor is known to be one
+    saved: bool = False  # kept by autograd for backward
+    recomputed: bool = False  # created by activation checkpointing's recomputation during backward
+
+    @property
+    def category(self) -> str:
+        if self.tag is not None:
+            return self.tag
+        if self.saved or self.recomputed:
+            return "activations"
+        return "other"
+
+
+def _key(t: torch.Tensor) -> int:
+    return id(t.untyped_storage())
+
+
+def static_tensors(model: nn.Module, optimizer=None) -> dict[str, list[torch.Tensor]]:
+    """The tensors of each static category, from the model and optimizer as they are now."""
+    out: dict[str, list[torch.Tensor]] = {c: [] for c in STATIC}
+    for name, p in model.named_parameters():
+        out["adapter" if "lora_" in name else "weights"].append(p)
+        if p.grad is not None:
+            out["gradients"].append(p.grad)
+    out["weights"] += list(model.buffers())
+    for m in quantize.linear4bit_modules(model).values():
+        out["quant_state"] += quantize.quant_state_tensors(m)
+    if optimizer is not None:
+        out["optimizer"] += optimizer_state_tensors(optimizer)
+    return out
+
+
+class Ledger(TorchDispatchMode):
+    """Follows storages on one device through a step. Use as a context manager around the step; call `tag()` after
+    backward and after the optimizer step so gradients and new optimizer state are known, and `phase()` as the
+    step moves on. Results: `peak`, `categories()`, `peak_at`, `timeline()`."""
+
+    def __init__(self, model: nn.Module, optimizer, device: torch.device | str):
+        super().__init__()
+        self.model, self.optimizer = model, optimizer
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.records: dict[int, Rec] = {}  # live, by storage identity
+        self.all: list[Rec] = []
+        self.events = 0
+        self.current = 0
+        self.peak = 0
+        self.peak_live: list[Rec] = []
+        self.peak_at: dict = {}
+        self._dirty = False
+        self.phases: list[tuple[int, str]] = []
+        self._phase = "start"
+        self._modules: list[str] = []
+        self._names = {id(m): n or "model" for n, m in model.named_modules()}
+        self._hooks = []
+        self._finalizers: list[weakref.finalize] = []
+
+    # ---- what is live --------------------------------------------------------------------------------------
+    def _track(self, t: torch.Tensor, tag: str | None = None) -> Rec | None:
+        if not isinstance(t, torch.Tensor) or t.device != self.device or t.is_meta:
+            return None
+        st = t.untyped_storage()
+        key = id(st)
+        rec = self.records.get(key)
+        if rec is None:
+            self.events += 1
+            rec = Rec(st.nbytes(), self.events, recomputed=self._in_recompute())
+            self.records[key] = rec
+            self.all.append(rec)
+            self._finalizers.append(weakref.finalize(st, self._freed, key))
+            self.current += rec.nbytes
+            if self.current > self.peak:
+                self.peak = self.current
+                self._dirty = True
+                self.peak_at = {"phase": self._phase, "module": self._modules[-1] if self._modules else None,
+                                "event": self.events}
+        if tag is not None and rec.tag is None:
+            rec.tag = tag
+        return rec
+
+    def _freed(self, key: int) -> None:
+        rec = self.records.pop(key, None)
+        if rec is None:
+            return
+        if self._dirty:  # the first free after a new maximum: what is live now is what was live at the peak
+            self.peak_live = list(self.records.values()) + [rec]
+            self._dirty = False
+        self.events += 1
+        rec.died = self.events
+        self.current -= rec.nbytes
+
+    def tag(self) -> None:
+        """Register the model's and optimizer's tensors as they are now (weights, grads, optimizer state)."""
+        for category, tensors in static_tensors(self.model, self.optimizer).items():
+            for t in tensors:
+                self._track(t, category)
+
+    def phase(self, name: str) -> None:
+        if name in ("optimizer", "end"):
+            self.tag()  # gradients exist now; optimizer state after the step
+        self.phases.append((self.events, name))
+        self._phase = name
+
+    def _in_recompute(self) -> bool:
+        return self._phase == "backward" and bool(self._modules)
+
+    # ---- dispatch and hooks --------------------------------------------------------------------------------
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self._track(t)
+        return out
+
+    def _enter_module(self, module, args) -> None:
+        self._modules.append(self._names.get(id(module), type(module).__name__))
+
+    def _leave_module(self, module, args, output) -> None:  # must return None, or it replaces the output
+        self._modules.pop()
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        rec = self._track(t)
+        if rec is not None:
+            rec.saved = True
+        return t
+
+    def __enter__(self):
+        self.tag()
+        self.phases.append((self.events, "start"))
+        for m in self.model.modules():
+            self._hooks.append(m.register_forward_pre_hook(self._enter_module))
+            self._hooks.append(m.register_forward_hook(self._leave_module))
+        self._saved = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._saved.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        self._saved.__exit__(*exc)
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        self.tag()
+        if self._dirty:
+            self.peak_live = list(self.records.values())
+            self._dirty = False
+        for f in self._finalizers:  # stop following: the model's storages outlive this ledger
+            f.detach()
+        self._finalizers.clear()
+
+    # ---- results ----------------------------------------------------------------------------------------------
+    def categories(self) -> dict[str, int]:
+        """Bytes per category among the storages live at the peak; they sum to `peak`."""
+        out = dict.fromkeys(CATEGORIES, 0)
+        for rec in self.peak_live:
+            out[rec.category] += rec.nbytes
+        out["peak"] = sum(out.values())
+        return out
+
+    def timeline(self, points: int = TIMELINE_POINTS) -> dict:
+        """Live bytes by category over the step at up to `points` moments (each bucket's highest point)."""
+        end = self.events + 1
+        delta = np.zeros((len(CATEGORIES), end + 1), dtype=np.int64)
+        for rec in self.all:
+            c = CATEGORIES.index(rec.category)
+            delta[c, rec.born] += rec.nbytes
+            delta[c, rec.died if rec.died is not None else end] -= rec.nbytes
+        live = np.cumsum(delta, axis=1)[:, :end]
+        total = live.sum(axis=0)
+        edges = np.linspace(0, end, min(points, end) + 1).astype(int)
+        idx = [lo + int(np.argmax(total[lo:hi])) for lo, hi in zip(edges[:-1], edges[1:], strict=True) if hi > lo]
+        return {
+            "event": idx,
+            "bytes": {c: live[i, idx].tolist() for i, c in enumerate(CATEGORIES)},
+            "phases": [{"event": e, "phase": p} for e, p in self.phases],
+        }

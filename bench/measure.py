@@ -1,0 +1,143 @@
+"""One measured run: build, a first step (which allocates optimizer state), timed steps, then a step under the
+ledger with the device probes around it. `--layers N` measures two reduced depths and extrapolates to full depth.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import replace
+
+import torch
+
+from bench import record
+from bench.ledger import CATEGORIES, Ledger
+from bench.probes import DeviceProbe, rss_anon_bytes
+from qlora import models
+from qlora.build import build, count_trainable
+from qlora.config import ConfigError, RunConfig
+from qlora.optim import make_optimizer
+from qlora.train import train_step
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def ledgered_step(model, optimizer, batch, device) -> Ledger:
+    ledger = Ledger(model, optimizer, device)
+    with ledger:
+        train_step(model, optimizer, batch, on_phase=ledger.phase)
+    return ledger
+
+
+def is_oom(e: BaseException) -> bool:
+    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    return isinstance(e, RuntimeError) and "can't allocate memory" in str(e)  # torch's CPU allocator
+
+
+def measure_once(cfg: RunConfig) -> dict:
+    """Measure cfg at the depth it asks for. Returns a dict of raw figures (not yet a record)."""
+    baseline = rss_anon_bytes()
+    built = build(cfg)
+    device = next(built.model.parameters()).device
+    optimizer = make_optimizer(cfg, built.model)
+    g = torch.Generator().manual_seed(cfg.seed)
+    # Memory and speed do not depend on which token ids are fed; random ids in the vocabulary keep it simple.
+    batch = torch.randint(0, built.hf_config.vocab_size, (cfg.batch_size, cfg.seq_len), generator=g).to(device)
+
+    first = ledgered_step(built.model, optimizer, batch, device)  # allocates optimizer state: a one-time peak
+    times = []
+    for _ in range(cfg.steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        train_step(built.model, optimizer, batch)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    probe = DeviceProbe(device)
+    probe.start()
+    ledger = ledgered_step(built.model, optimizer, batch, device)
+    figures = probe.stop()
+    step_seconds = statistics.median(times)
+    return {
+        "bytes": ledger.categories(),
+        "peak_at": ledger.peak_at,
+        "timeline": ledger.timeline(),
+        "first_step": {"peak": first.peak, "peak_at": first.peak_at, "bytes": first.categories()},
+        "device_figures": figures,
+        "rss_anon_baseline": baseline,
+        "step_seconds": step_seconds,
+        "tokens_per_second": batch.numel() / step_seconds,
+        "trainable_parameters": count_trainable(built.model),
+        "layers": built.hf_config.num_hidden_layers,
+    }
+
+
+def extrapolate_bytes(near: dict, far: dict, n0: int, n1: int, depth: int) -> dict:
+    """Categories linear in depth through two measurements (n0 < n1 layers): exact for quantities that are a fixed
+    part plus a per-layer part, which holds when both peaks fall at the same point of the step."""
+    out = {c: int(round(near[c] + (far[c] - near[c]) * (depth - n0) / (n1 - n0))) for c in CATEGORIES}
+    out["peak"] = sum(out.values())
+    return out
+
+
+def extrapolate(near: dict, far: dict, depth: int) -> dict:
+    """Extrapolate a reduced-depth pair of raw measurements to `depth` layers (bytes, first step, step time)."""
+    n0, n1 = near["layers"], far["layers"]
+    seconds = near["step_seconds"] + (far["step_seconds"] - near["step_seconds"]) * (depth - n0) / (n1 - n0)
+    first = extrapolate_bytes(near["first_step"]["bytes"], far["first_step"]["bytes"], n0, n1, depth)
+    return {
+        "bytes": extrapolate_bytes(near["bytes"], far["bytes"], n0, n1, depth),
+        "first_step": {"peak": first["peak"], "peak_at": far["first_step"]["peak_at"], "bytes": first},
+        "step_seconds": seconds,
+        "tokens_per_second": far["tokens_per_second"] * far["step_seconds"] / seconds,
+    }
+
+
+def measure(cfg: RunConfig, run=None) -> dict:
+    """A result record for cfg: measured at full depth, or extrapolated when cfg.layers is below it.
+
+    `run(fn, cfg)` runs one measurement (default: in this process; the CLI passes a fresh-process runner).
+    Out-of-memory becomes a record with status "oom"; other failures status "error". Bad input raises ConfigError.
+    """
+    run = run or (lambda fn, c: fn(c))
+    full_depth = models.hf_config(models.resolve(cfg.model)).num_hidden_layers
+    env = record.environment(cfg.device)
+    extrapolating = cfg.layers is not None and cfg.layers < full_depth
+    if extrapolating and cfg.layers < 2:
+        raise ConfigError(f"layers must be >= 2 to extrapolate (two depths are fitted), got {cfg.layers}")
+    source = "extrapolated" if extrapolating else "measured"
+    try:
+        if not extrapolating:
+            raw = run(measure_once, cfg)
+            fields = {k: raw[k] for k in ("bytes", "first_step", "step_seconds", "tokens_per_second")}
+            figures, extra = raw["device_figures"], {"rss_anon_baseline": raw["rss_anon_baseline"]}
+        else:
+            near = run(measure_once, replace(cfg, layers=cfg.layers // 2))
+            raw = run(measure_once, cfg)
+            fields = extrapolate(near, raw, full_depth)
+            figures = None  # the device saw smaller models; their own figures are under measured_at
+            extra = {"measured_at": [_depth_summary(near), _depth_summary(raw)], "timeline_layers": raw["layers"]}
+            if near["peak_at"]["phase"] != raw["peak_at"]["phase"]:
+                extra["warning"] = (f"the peak falls in {near['peak_at']['phase']} at {near['layers']} layers but in "
+                                    f"{raw['peak_at']['phase']} at {raw['layers']}: the extrapolation is approximate")
+    except (ConfigError, KeyboardInterrupt):
+        raise
+    except BaseException as e:  # an out-of-memory run is a result; any other failure is recorded with its message
+        status = "oom" if is_oom(e) else "error"
+        message = (f"{type(e).__name__}: {e}".strip().splitlines() or [type(e).__name__])[0]
+        return record.make(cfg.to_dict(), source=source, status=status, bytes_=None, error=message, env=env,
+                           layers=full_depth)
+    return record.make(
+        cfg.to_dict(), source=source, status="ok", bytes_=fields["bytes"], device_figures=figures,
+        step_seconds=fields["step_seconds"], tokens_per_second=fields["tokens_per_second"], env=env,
+        layers=full_depth, trainable_parameters=raw["trainable_parameters"], peak_at=raw["peak_at"],
+        first_step=fields["first_step"], timeline=raw["timeline"], **extra,
+    )
+
+
+def _depth_summary(raw: dict) -> dict:
+    return {"layers": raw["layers"], "bytes": raw["bytes"], "peak_at": raw["peak_at"],
+            "step_seconds": raw["step_seconds"], **raw["device_figures"]}
