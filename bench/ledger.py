@@ -164,6 +164,7 @@ class Ledger(TorchDispatchMode):
 
     def __enter__(self):
         self.tag()
+        self.start_bytes = self.current  # live at the start: the model, optimizer state, leftover grads
         self.phases.append((self.events, "start"))
         for m in self.model.modules():
             self._hooks.append(m.register_forward_pre_hook(self._enter_module))
@@ -195,6 +196,16 @@ class Ledger(TorchDispatchMode):
         out["peak"] = sum(out.values())
         return out
 
+    def categories_at(self, phase: str) -> dict[str, int]:
+        """Bytes per category live as the step entered `phase` (e.g. "optimizer": all gradients exist)."""
+        event = next(e for e, p in self.phases if p == phase)
+        out = dict.fromkeys(CATEGORIES, 0)
+        for rec in self.all:
+            if rec.born <= event and (rec.died is None or rec.died > event):
+                out[rec.category] += rec.nbytes
+        out["total"] = sum(out.values())
+        return out
+
     def timeline(self, points: int = TIMELINE_POINTS) -> dict:
         """Live bytes by category over the step at up to `points` moments (each bucket's highest point)."""
         end = self.events + 1
@@ -206,7 +217,7 @@ class Ledger(TorchDispatchMode):
         live = np.cumsum(delta, axis=1)[:, :end]
         total = live.sum(axis=0)
         edges = np.linspace(0, end, min(points, end) + 1).astype(int)
-        idx = [lo + int(np.argmax(total[lo:hi])) for lo, hi in zip(edges[:-1], edges[1:], strict=True) if hi > lo]
+        idx = [int(lo + np.argmax(total[lo:hi])) for lo, hi in zip(edges[:-1], edges[1:], strict=True) if hi > lo]
         return {
             "event": idx,
             "bytes": {c: live[i, idx].tolist() for i, c in enumerate(CATEGORIES)},

@@ -57,6 +57,7 @@ def measure_once(cfg: RunConfig) -> dict:
         _sync(device)
         times.append(time.perf_counter() - t0)
     probe = DeviceProbe(device)
+    rss_start = rss_anon_bytes()
     probe.start()
     ledger = ledgered_step(built.model, optimizer, batch, device)
     figures = probe.stop()
@@ -68,6 +69,10 @@ def measure_once(cfg: RunConfig) -> dict:
         "first_step": {"peak": first.peak, "peak_at": first.peak_at, "bytes": first.categories()},
         "device_figures": figures,
         "rss_anon_baseline": baseline,
+        # RSS as the measured step starts, and the ledger's live bytes then: their difference is what the process
+        # holds besides tensors (interpreter, libraries, allocator slack), to set beside the peak.
+        "rss_anon_step_start": rss_start,
+        "ledger_step_start": ledger.start_bytes,
         "step_seconds": step_seconds,
         "tokens_per_second": batch.numel() / step_seconds,
         "trainable_parameters": count_trainable(built.model),
@@ -113,7 +118,8 @@ def measure(cfg: RunConfig, run=None) -> dict:
         if not extrapolating:
             raw = run(measure_once, cfg)
             fields = {k: raw[k] for k in ("bytes", "first_step", "step_seconds", "tokens_per_second")}
-            figures, extra = raw["device_figures"], {"rss_anon_baseline": raw["rss_anon_baseline"]}
+            figures = raw["device_figures"]
+            extra = {k: raw[k] for k in ("rss_anon_baseline", "rss_anon_step_start", "ledger_step_start")}
         else:
             near = run(measure_once, replace(cfg, layers=cfg.layers // 2))
             raw = run(measure_once, cfg)

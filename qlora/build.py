@@ -115,11 +115,20 @@ def pretrained_model(source: models.ModelSource, hf_cfg, cfg: RunConfig, device:
         kwargs["quantization_config"] = quantize.bnb_config(cfg)
     if device.type == "cuda":
         kwargs["device_map"] = {"": device}
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    if cfg.layers is not None:  # the dropped layers' weights would be listed one by one as "unexpected"
+        hf_logging.set_verbosity_error()
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except OSError as e:
         raise ConfigError(f"cannot load model {source.name!r}: {str(e).splitlines()[0]}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
     return model, tokenizer
 
 
