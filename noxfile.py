@@ -34,22 +34,27 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """The main job: train Full FT, LoRA and QLoRA on a real model and report loss, step time and peak memory.
+    """The main job: measure Full FT, LoRA and QLoRA (memory by category, device figures, step time), then the
+    benchmarks (pytest-benchmark; JSON in .bench/).
 
-    Without a GPU: the real pretrained SmolLM2-135M-Instruct on CPU, each method in its own process. With CUDA:
-    random-weight Llama-2-7B, LoRA and QLoRA at sequence length 512. Posargs replace the default arguments of
-    `qlora-bench train`, e.g. `nox -s bench -- llama-2-7b --method qlora --seq-len 128`.
+    Without a GPU: the real pretrained SmolLM2-135M-Instruct on CPU, each run in its own process. With CUDA:
+    random-weight Llama-2-7B, LoRA and QLoRA at sequence length 512. Records are appended to .bench/results.jsonl.
+    Posargs replace the default arguments of `qlora-bench measure`, e.g.
+    `nox -s bench -- llama-2-7b --method qlora --seq-len 128`.
     """
-    install(session)
+    install(session, "test")
     session.run("qlora-bench", "fetch")
+    out = ["--out", ".bench/results.jsonl"]
     if session.posargs:
-        session.run("qlora-bench", "train", *session.posargs)
+        session.run("qlora-bench", "measure", *session.posargs, *out)
     elif has_cuda(session):
-        for method in ("lora", "qlora"):
-            session.run("qlora-bench", "train", "llama-2-7b", "--method", method, "--seq-len", "512", "--steps", "4")
+        session.run("qlora-bench", "measure", "llama-2-7b", "--method", "lora", "--seq-len", "512", *out)
+        session.run("qlora-bench", "measure", "llama-2-7b", "--method", "qlora", "--seq-len", "512", *out)
     else:
-        session.run("qlora-bench", "train", "smollm2-135m-instruct", "--method", "all", "--seq-len", "256",
-                    "--batch-size", "2", "--steps", "4")
+        session.run("qlora-bench", "measure", "smollm2-135m-instruct", "--method", "all", "--seq-len", "256",
+                    "--batch-size", "2", *out)
+    if not session.posargs:
+        session.run("pytest", "benchmarks", "--benchmark-enable", "--benchmark-json", ".bench/benchmark.json")
 
 
 @nox.session

@@ -148,30 +148,43 @@ def cmd_train(args) -> int:
     return 0
 
 
-def gib(n) -> str:
-    return "n/a" if n is None else f"{n / GiB:.3f}"
+def fmt_bytes(n, unit: int) -> str:
+    return "n/a" if n is None else f"{n / unit:.3f}"
 
 
 def print_record(r: dict) -> None:
+    """A readable summary of one result record: categories with their shares, where the peak fell, device figures."""
     c = r["config"]
+    source = r["source"]
+    if r.get("measured_at"):
+        source += f", fitted through {' and '.join(str(m['layers']) for m in r['measured_at'])} layers"
+    flags = " · checkpointing" if c["grad_checkpointing"] else ""
     print(f"{c['method']} · {c['model']} · batch {c['batch_size']} x seq {c['seq_len']} · {c['device']} · "
-          f"{c['precision']} · {c['optimizer']}{' · checkpointing' if c['grad_checkpointing'] else ''} "
-          f"({r['source']}{', from ' + ' and '.join(str(m['layers']) for m in r.get('measured_at', [])) + ' layers' if r.get('measured_at') else ''})")
+          f"{c['precision']} · {c['optimizer']}{flags} ({source})")
     if r["status"] != "ok":
         print(f"  {r['status'].upper()}: {r['error']}")
         return
     b = r["bytes"]
-    print(f"  {'category':<13}{'GiB':>9}{'share':>8}")
+    unit, name = (GiB, "GiB") if b["peak"] >= GiB / 4 else (2**20, "MiB")
+    print(f"  {'category':<13}{name:>10}{'share':>8}")
     for k in CATEGORIES:
-        print(f"  {k:<13}{gib(b[k]):>9}{b[k] / b['peak']:>8.1%}")
+        print(f"  {k:<13}{fmt_bytes(b[k], unit):>10}{b[k] / b['peak']:>8.1%}")
     at = r["peak_at"]
-    print(f"  {'peak':<13}{gib(b['peak']):>9}{1:>8.0%}   in {at['phase']}{' at ' + at['module'] if at['module'] else ''}")
+    where = f" at {at['module']}" if at["module"] else ""
+    if at.get("grad_fn"):
+        where += f" ({at['grad_fn']})"
+    print(f"  {'peak':<13}{fmt_bytes(b['peak'], unit):>10}{1:>8.0%}   in {at['phase']}{where}")
     f = r["first_step"]
-    print(f"  first step peak {gib(f['peak'])} GiB in {f['peak_at']['phase']} (allocates optimizer state)")
-    for key in ("cuda_max_allocated", "cuda_max_reserved", "nvml_used", "rss_anon_peak"):
+    print(f"  first step: peak {fmt_bytes(f['peak'], unit)} {name} in {f['peak_at']['phase']} "
+          f"(it allocates the optimizer state)")
+    for key in ("cuda_max_allocated", "cuda_max_reserved", "nvml_used"):
         if r.get(key) is not None:
-            extra = f" (process before build: {gib(r['rss_anon_baseline'])} GiB)" if key == "rss_anon_peak" else ""
-            print(f"  device {key} {gib(r[key])} GiB{extra}")
+            print(f"  device {key}: {fmt_bytes(r[key], unit)} {name}")
+    if r.get("rss_anon_peak") is not None:
+        non_tensor = r["rss_anon_step_start"] - r["ledger_step_start"]
+        print(f"  device rss_anon_peak: {fmt_bytes(r['rss_anon_peak'], unit)} {name}; less the "
+              f"{fmt_bytes(non_tensor, unit)} {name} held besides tensors at the step's start: "
+              f"{fmt_bytes(r['rss_anon_peak'] - non_tensor, unit)} {name} (ledger peak {fmt_bytes(b['peak'], unit)})")
     print(f"  step {r['step_seconds']:.3f} s (median of {c['steps']}), {r['tokens_per_second']:,.0f} tokens/s")
     if r.get("warning"):
         print(f"  warning: {r['warning']}")

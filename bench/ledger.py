@@ -89,6 +89,7 @@ class Ledger(TorchDispatchMode):
         self.phases: list[tuple[int, str]] = []
         self._phase = "start"
         self._modules: list[str] = []
+        self._op: str | None = None
         self._names = {id(m): n or "model" for n, m in model.named_modules()}
         self._hooks = []
         self._finalizers: list[weakref.finalize] = []
@@ -110,7 +111,9 @@ class Ledger(TorchDispatchMode):
             if self.current > self.peak:
                 self.peak = self.current
                 self._dirty = True
+                node = torch._C._current_autograd_node()  # in backward: the gradient function running now
                 self.peak_at = {"phase": self._phase, "module": self._modules[-1] if self._modules else None,
+                                "op": self._op, "grad_fn": node.name() if node is not None else None,
                                 "event": self.events}
         if tag is not None and rec.tag is None:
             rec.tag = tag
@@ -145,6 +148,7 @@ class Ledger(TorchDispatchMode):
     # ---- dispatch and hooks --------------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        self._op = str(func)
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 self._track(t)

@@ -68,3 +68,30 @@ def test_console_script_exit_code():
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "qlora-bench: error: lora_r must be an integer > 0, got -4"
+
+
+def test_measure_prints_one_record_and_appends_it(capsys, tmp_path):
+    out = tmp_path / "runs" / "results.jsonl"
+    argv = ["measure", "tiny-llama", "--method", "qlora", "--seq-len", "64", "--steps", "1", "--device", "cpu",
+            "--json", "--out", str(out)]
+    code, stdout, _ = run(capsys, *argv)
+    assert code == 0
+    printed = [json.loads(line) for line in stdout.splitlines()]
+    assert len(printed) == 1 and printed[0]["status"] == "ok"
+    run(capsys, *argv)
+    lines = out.read_text().splitlines()
+    assert len(lines) == 2 and json.loads(lines[0]) == printed[0]
+    assert not list(out.parent.glob(".results.jsonl.*"))  # no temporary left behind
+
+
+def test_measure_table_names_the_categories(capsys):
+    code, out, _ = run(capsys, "measure", "tiny-llama", "--method", "lora", "--seq-len", "32", "--steps", "1",
+                       "--device", "cpu")
+    assert code == 0
+    for word in ("weights", "quant_state", "adapter", "gradients", "optimizer", "activations", "other", "peak"):
+        assert f"  {word}" in out
+
+
+def test_extrapolation_needs_two_depths(capsys):
+    code, _, err = run(capsys, "measure", "smollm2-135m", "--layers", "1", "--device", "cpu")
+    assert code == 2 and "layers must be >= 2 to extrapolate" in err
