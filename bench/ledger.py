@@ -172,7 +172,8 @@ class Ledger(TorchDispatchMode):
         self.phases.append((self.events, "start"))
         for m in self.model.modules():
             self._hooks.append(m.register_forward_pre_hook(self._enter_module))
-            self._hooks.append(m.register_forward_hook(self._leave_module))
+            # always_call: checkpointing stops a recomputation early by raising inside forward; the stack must pop
+            self._hooks.append(m.register_forward_hook(self._leave_module, always_call=True))
         self._saved = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
         self._saved.__enter__()
         return super().__enter__()

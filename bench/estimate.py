@@ -1,0 +1,265 @@
+"""Analytical memory model: every category at the peak of a training step, for any bundled-style architecture,
+without running it. The architecture is built on the meta device (shapes only), so a 70B estimate takes seconds.
+
+Sources, cited where used:
+- [bnb] bitsandbytes 0.50 layouts: 4-bit weights packed two per byte; one absmax per block of 64, stored fp32, or
+  with double quantisation as uint8 codes plus one fp32 absmax per 256 codes, a 256-entry fp32 code table and an fp32
+  offset; a 16-entry fp32 4-bit code table per weight. 8-bit optimizers: uint8 state with one fp32 absmax per block
+  of 256 for tensors of at least 4096 elements, fp32 state below that, and two shared 256-entry fp32 quantile maps.
+- [torch] PyTorch autograd saves only what a backward formula needs for inputs that require grad
+  (tools/autograd/derivatives.yaml): pow saves its input, rsqrt its result, mul the other operand, linear its input
+  when the weight is trained, SDPA (flash/efficient kernels) q, k, v, the output and a fp32 logsumexp per head.
+- [hf] transformers 5 Llama-family blocks (Llama, Mistral, Qwen2): RMSNorm upcasts to fp32; the loss upcasts logits
+  to fp32 and saves log-softmax; rotary cos/sin are computed once per forward.
+- [peft] LoRA: dropout saves its mask (in the activation dtype on this stack) and lora_A its (dropped-out) input,
+  lora_B the rank-r intermediate.
+- [ledger] this project's measurement (bench/ledger.py) of what is live at the peak; used to check every term
+  (reports/estimate-validation).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from qlora import models
+from qlora.build import model_dtype
+from qlora.config import ConfigError, RunConfig
+from qlora.quantize import KEEP_UNQUANTISED
+
+CATEGORIES = ("weights", "quant_state", "adapter", "gradients", "optimizer", "activations", "other")
+DTYPE_BYTES = {"torch.bfloat16": 2, "torch.float16": 2, "torch.float32": 4}
+
+
+@dataclass(frozen=True)
+class Arch:
+    """What the memory model needs of an architecture, read off its meta-device build."""
+
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    inter: int
+    vocab: int
+    tied: bool
+    linears: tuple  # (leaf name, in, out, has_bias) of one decoder layer's Linears
+    other_params: int  # elements outside the decoder Linears (embeddings, norms, lm_head once if untied)
+    buffer_bytes: int  # rotary inv_freq and friends, fp32
+    param_numels: tuple  # every parameter tensor's element count (tied ones once): Full FT's trainable tensors
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+
+def read_arch(cfg: RunConfig) -> Arch:
+    from torch import nn
+
+    from qlora.build import check_against_model
+
+    hf = models.hf_config(models.resolve(cfg.model), cfg.layers)
+    check_against_model(cfg, hf)
+    meta = models.meta_model(hf, model_dtype(cfg))
+    layers = meta.get_decoder().layers
+    linears = tuple((n.rsplit(".", 1)[-1], m.in_features, m.out_features, m.bias is not None)
+                    for n, m in layers[0].named_modules() if isinstance(m, nn.Linear))
+    in_linears = {id(p) for m in layers.modules() if isinstance(m, nn.Linear) for p in m.parameters()}
+    params = list(meta.parameters())  # tied embeddings appear once
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    return Arch(
+        layers=hf.num_hidden_layers, hidden=hf.hidden_size, heads=hf.num_attention_heads,
+        kv_heads=hf.num_key_value_heads, head_dim=head_dim, inter=hf.intermediate_size, vocab=hf.vocab_size,
+        tied=bool(getattr(hf, "tie_word_embeddings", False)), linears=linears,
+        other_params=sum(p.numel() for p in params if id(p) not in in_linears),
+        buffer_bytes=sum(b.numel() * b.element_size() for b in meta.buffers()),
+        param_numels=tuple(p.numel() for p in params),
+    )
+
+
+def check(cfg: RunConfig, arch: Arch) -> None:
+    """Settings the architecture makes impossible. Raises ConfigError naming the value."""
+    if cfg.adapter:
+        widths = {leaf: min(i, o) for leaf, i, o, _ in arch.linears}
+        missing = sorted(set(cfg.lora_targets) - set(widths))
+        if missing:
+            raise ConfigError(f"lora_targets {', '.join(missing)} not found in {cfg.model}; "
+                              f"its Linear layers are: {', '.join(sorted(widths))}")
+        narrowest = min(widths[t] for t in cfg.lora_targets)
+        if cfg.lora_r > narrowest:
+            raise ConfigError(f"lora_r {cfg.lora_r} exceeds the narrowest targeted layer's width of {narrowest}")
+
+
+def quant_state_bytes(numel: int, double_quant: bool) -> int:
+    """[bnb] Quantisation constants of one 4-bit weight of `numel` elements."""
+    blocks = math.ceil(numel / 64)
+    code4 = 16 * 4
+    if not double_quant:
+        return blocks * 4 + code4
+    return blocks + math.ceil(blocks / 256) * 4 + 256 * 4 + 4 + code4
+
+
+def static(cfg: RunConfig, arch: Arch) -> dict:
+    """Weights, quantisation constants, adapters, the trainable tensors (for gradients and optimizer state)."""
+    p = 4 if cfg.precision == "fp32" else 2  # bytes per stored weight / trainable element
+    weights = arch.other_params * p + arch.buffer_bytes
+    quant = 0
+    trainable: list[int] = []  # element counts of trainable tensors
+    for leaf, fan_in, fan_out, bias in arch.linears:
+        n = fan_in * fan_out
+        if cfg.quantized and leaf not in KEEP_UNQUANTISED:
+            weights += arch.layers * (n // 2 + (fan_out * p if bias else 0))
+            quant += arch.layers * quant_state_bytes(n, cfg.double_quant)
+        else:
+            weights += arch.layers * (n + (fan_out if bias else 0)) * p
+        if cfg.adapter and leaf in cfg.lora_targets:
+            trainable += [cfg.lora_r * fan_in, fan_out * cfg.lora_r] * arch.layers
+    adapter = sum(trainable) * p
+    if cfg.method == "full":
+        trainable = list(arch.param_numels)
+    return {"weights": weights, "quant_state": quant, "adapter": adapter, "trainable": trainable,
+            "trainable_bytes": sum(trainable) * p, "largest_bytes": max(trainable) * p, "p": p}
+
+
+def optimizer_state(cfg: RunConfig, st: dict, device_type: str) -> int:
+    """AdamW moments (+ fp32 masters under mixed) or bitsandbytes' 8-bit state, for the trainable tensors."""
+    n = sum(st["trainable"])
+    moment = 4 if cfg.precision in ("mixed", "fp32") else st["p"]
+    # AdamW keeps an fp32 step counter per tensor, on the CPU (so it is device memory only on a CPU run)
+    steps = 4 * len(st["trainable"]) if device_type == "cpu" else 0
+    master = 4 * n if cfg.precision == "mixed" else 0
+    if cfg.optimizer == "adamw":
+        return 2 * moment * n + master + steps
+    eight = sum(2 * k + 2 * 4 * math.ceil(k / 256) if k >= 4096 else 8 * k for k in st["trainable"])
+    return eight + 2 * 256 * 4 + master
+
+
+def layer_activations(cfg: RunConfig, arch: Arch, tokens: int, first: bool) -> int:
+    """[torch][hf][peft] Bytes one decoder layer saves for backward (no checkpointing). `first`: layer 0, whose
+    input does not require grad under LoRA, so its first norm saves nothing and its first dropouts no mask."""
+    a = 4 if cfg.precision == "fp32" else 2
+    T, h, i = tokens, arch.hidden, arch.inter
+    full = cfg.method == "full"
+    norm = 4 * T * h + 4 * T + (a * T * h if full else 0)  # fp32 upcast, rsqrt, and the bf16 input of weight*x
+    attn = a * T * (2 * arch.q_dim + 2 * arch.kv_dim) + 4 * T * arch.heads  # q, k, v, out, logsumexp
+    mlp = 3 * a * T * i  # silu input, silu output, up
+    total = (0 if (first and not full) else norm) + norm + attn + mlp
+    inputs = {"q_proj": "n1", "k_proj": "n1", "v_proj": "n1", "o_proj": "attn", "gate_proj": "n2",
+              "up_proj": "n2", "down_proj": "prod"}
+    width = {"n1": h, "attn": arch.q_dim, "n2": h, "prod": i}
+    if full:
+        total += a * T * (h + h + i)  # linear inputs: norm outputs (shared by q/k/v and gate/up), the mlp product
+        return total
+    saved_inputs = set()
+    for leaf, fan_in, _, _ in arch.linears:
+        if leaf not in cfg.lora_targets:
+            continue
+        src = inputs.get(leaf, leaf)
+        total += a * T * cfg.lora_r  # lora_B's input
+        if cfg.lora_dropout > 0:
+            mask = 0 if (first and src == "n1") else a * T * fan_in
+            total += mask + a * T * fan_in  # dropout mask and lora_A's input (the dropped-out copy)
+        elif src not in saved_inputs and src != "attn":  # attention output is already saved by SDPA
+            saved_inputs.add(src)
+            total += a * T * width.get(src, fan_in)
+    return total
+
+
+def activations(cfg: RunConfig, arch: Arch) -> dict:
+    """Saved-for-backward bytes as backward starts, and the pieces the peak moments need."""
+    a = 4 if cfg.precision == "fp32" else 2
+    b, s = cfg.batch_size, cfg.seq_len
+    T, h, V = b * s, arch.hidden, arch.vocab
+    full = cfg.method == "full"
+    head = 4 * T * h + 4 * T + (2 * a * T * h if full else 0)  # final norm (+ its bf16 input and lm_head's input)
+    loss = 4 * T * V + 8 * b * (s + 1) + 4  # fp32 log-softmax, padded labels, the normaliser
+    rope = 2 * a * T * arch.head_dim  # cos and sin, once per forward
+    ids = 8 * T if full else 0  # the embedding saves its indices when it is trained
+    one_layer = layer_activations(cfg, arch, T, first=False)
+    if cfg.grad_checkpointing:
+        layers = arch.layers * a * T * h  # [torch] non-reentrant checkpointing keeps each layer's input
+        rope = 0  # held by the checkpoint's closure, not saved: counted under other
+    else:
+        layers = layer_activations(cfg, arch, T, first=True) + (arch.layers - 1) * one_layer
+    return {"total": layers + head + loss + rope + ids, "layer": one_layer, "loss": loss, "head": head,
+            "tokens": T, "a": a}
+
+
+def estimate_bytes(cfg: RunConfig, arch: Arch | None = None, device_type: str | None = None) -> dict:
+    """Every category at the estimated peak, the peak, and the phase it falls in."""
+    arch = arch or read_arch(cfg)
+    check(cfg, arch)
+    device_type = device_type or ("cuda" if cfg.device.startswith("cuda") else "cpu")
+    st = static(cfg, arch)
+    opt = optimizer_state(cfg, st, device_type)
+    act = activations(cfg, arch)
+    T, V, h, a = act["tokens"], arch.vocab, arch.hidden, act["a"]
+    base = {"weights": st["weights"], "quant_state": st["quant_state"], "adapter": st["adapter"], "optimizer": opt}
+
+    moments = {}
+    # Backward starts: every activation is live, and the loss backward holds two fp32 logits-sized gradients.
+    moments["backward"] = {**base, "gradients": 0, "activations": act["total"], "other": 8 * T * V}
+    # Optimizer step: every gradient is live, activations are gone, plus the step's temporaries.
+    moments["optimizer"] = {**base, "gradients": st["trainable_bytes"], "activations": 0,
+                            "other": optimizer_temporaries(cfg, st, device_type)}
+    if cfg.grad_checkpointing:
+        # [ledger] Backward through layer k (from the last down to 0): the inputs of layers 0..k are still saved,
+        # layer k's activations are recomputed, the gradient of its output flows in, and its MLP backward holds
+        # three intermediate-sized gradients (the frozen path's, the adapter's or weight's, and their sum). The
+        # gradients of the layers already done (and of the head) are live: for Full FT that makes the first layer
+        # (processed last) the worst, for LoRA usually the last layer (most inputs still saved).
+        p = st["p"]
+        head_grads = (V * h + h) * p if cfg.method == "full" else 0
+        layer_grads = (st["trainable_bytes"] - (arch.other_params * p if cfg.method == "full" else 0)) // arch.layers
+        attn_grads = sum(i * o for leaf, i, o, _ in arch.linears if leaf in ("q_proj", "k_proj", "v_proj",
+                                                                           "o_proj")) * p
+        if cfg.method != "full":
+            attn_grads = sum(cfg.lora_r * (i + o) for leaf, i, o, _ in arch.linears
+                             if leaf in cfg.lora_targets and leaf in ("q_proj", "k_proj", "v_proj", "o_proj")) * p
+        temps = a * T * h + 3 * a * T * arch.inter
+        for name, k in (("recompute_last", arch.layers - 1), ("recompute_first", 0)):
+            done = arch.layers - 1 - k
+            grads = head_grads + done * layer_grads + (layer_grads - attn_grads)
+            moments[name] = {**base, "gradients": grads, "activations": (k + 1) * a * T * h + act["layer"],
+                             "other": temps}
+    for m in moments.values():
+        m["peak"] = sum(m[c] for c in CATEGORIES)
+    phase = max(moments, key=lambda k: moments[k]["peak"])
+    out = moments[phase]
+    return {"bytes": {c: out[c] for c in (*CATEGORIES, "peak")},
+            "phase": "backward" if phase.startswith("recompute") else phase,
+            "moments": {k: v["peak"] for k, v in moments.items()}}
+
+
+def largest_fitting(cfg: RunConfig, arch: Arch, field: str, capacity_ok, upper: int) -> int | None:
+    """Largest value of `field` (seq_len or batch_size) in [1, upper] whose estimate passes capacity_ok(peak);
+    None if even 1 does not. The estimate grows with both, so a binary search is exact."""
+    from dataclasses import replace
+
+    def ok(v):
+        return capacity_ok(estimate_bytes(replace(cfg, **{field: v}), arch)["bytes"]["peak"])
+
+    if not ok(1):
+        return None
+    lo, hi = 1, upper
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid - 1)
+    return lo
+
+
+def optimizer_temporaries(cfg: RunConfig, st: dict, device_type: str) -> int:
+    """[torch] Temporaries of the optimizer step. Single-tensor AdamW (CPU) holds two temporaries the size of the
+    largest parameter; foreach AdamW (CUDA default) one copy of all of them. Mixed precision first upcasts every
+    gradient to fp32 for the masters. bitsandbytes' 8-bit step works in place."""
+    n = sum(st["trainable"])
+    moment = 4 if cfg.precision in ("mixed", "fp32") else st["p"]
+    largest = st["largest_bytes"] // st["p"] * moment
+    extra = 4 * n if cfg.precision == "mixed" else 0
+    if cfg.optimizer != "adamw":
+        return extra
+    return extra + (2 * largest if device_type == "cpu" else n * moment)

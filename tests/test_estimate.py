@@ -1,0 +1,125 @@
+"""The analytical estimator: static categories to the byte, peaks against the ledger, and the fit planner."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import gpus
+from bench.cli import main
+from bench.estimate import CATEGORIES, estimate_bytes, quant_state_bytes, read_arch
+from bench.measure import measure_once
+from qlora.config import RunConfig
+
+STATIC = ("weights", "quant_state", "adapter", "optimizer")
+VALIDATION = Path(__file__).parent.parent / "reports" / "estimate-validation"
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+@pytest.mark.parametrize("precision", ["bf16", "mixed", "fp32"])
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])
+def test_static_categories_are_exact(tiny, method, precision, optimizer):
+    cfg = tiny(method=method, precision=precision, optimizer=optimizer, seq_len=64, steps=1)
+    measured = measure_once(cfg)["bytes"]
+    estimated = estimate_bytes(cfg)["bytes"]
+    for c in STATIC:
+        assert estimated[c] == measured[c], c
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("seq_len", [64, 256])
+def test_peak_within_5_percent_on_the_tiny_model(tiny, method, checkpointing, seq_len):
+    cfg = tiny(method=method, grad_checkpointing=checkpointing, seq_len=seq_len, steps=1)
+    measured = measure_once(cfg)["bytes"]["peak"]
+    assert estimate_bytes(cfg)["bytes"]["peak"] == pytest.approx(measured, rel=0.05)
+
+
+def test_llama_2_7b_qlora_layout(capsys):
+    assert main(["estimate", "llama-2-7b", "--method", "qlora", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["source"] == "estimated" and set(r["bytes"]) == set(CATEGORIES) | {"peak"}
+    linears = 32 * 7
+    # nf4 + double quantisation: 8-bit absmax and its fp32 constants (DESIGN.md), plus per-weight code tables
+    assert r["bytes"]["quant_state"] == 102_768_640 + linears * (256 * 4 + 4 + 16 * 4)
+    unquantised = (2 * 32000 * 4096 + 65 * 4096) * 2  # embeddings, lm_head, 65 RMSNorm weights in bf16
+    arch = read_arch(RunConfig(model="llama-2-7b"))
+    assert r["bytes"]["weights"] - unquantised - arch.buffer_bytes == 3_238_002_688
+    assert r["bytes"]["adapter"] == 39_976_960 * 2
+
+
+def test_double_quantisation_saves_what_the_layout_says():
+    numel = 6_476_005_376 // (32 * 7)  # not exact per layer, but the formula is per weight
+    assert quant_state_bytes(4096 * 4096, False) - quant_state_bytes(4096 * 4096, True) > 0
+    assert quant_state_bytes(numel * 64, False) == numel * 4 + 64
+
+
+def test_seventy_billion_is_quick_and_small(tmp_path):
+    import time
+
+    cfg = json.loads((Path(__file__).parent.parent / "qlora" / "archs" / "llama-2-13b.json").read_text())
+    cfg.update(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+               num_key_value_heads=8)  # Llama-2-70B's shape
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    t0 = time.perf_counter()
+    est = estimate_bytes(RunConfig(model=str(tmp_path), method="qlora", seq_len=2048, device="cuda"))
+    assert time.perf_counter() - t0 < 30
+    assert 30 * 2**30 < est["bytes"]["weights"] < 45 * 2**30
+
+
+def test_gpu_catalog_and_fit(capsys):
+    assert gpus.lookup("RTX4090").total_bytes == 24_564 * 2**20
+    assert gpus.headroom(gpus.lookup("a100-80gb"), 10 * 2**30) > 0
+    assert gpus.trials(gpus.lookup("h200"), 20 * 2**30) == 6
+    assert main(["estimate", "llama-2-7b", "--method", "all", "--gpu", "rtx4090", "--seq-len", "512"]) == 0
+    out = capsys.readouterr().out
+    assert "full   does not fit" in out and "qlora  fits" in out
+
+
+def test_max_finds_the_boundary(capsys):
+    assert main(["estimate", "llama-2-7b", "--method", "qlora", "--gpu", "rtx4090", "--max", "--json"]) == 0
+    fit = json.loads(capsys.readouterr().out)["fit"]
+    gpu = gpus.lookup("rtx4090")
+    base = RunConfig(model="llama-2-7b", method="qlora", device="cuda")
+    from dataclasses import replace
+
+    def peak(**kw):
+        return estimate_bytes(replace(base, **kw))["bytes"]["peak"]
+
+    assert gpus.headroom(gpu, peak(seq_len=fit["max_seq_len"])) >= 0
+    assert gpus.headroom(gpu, peak(seq_len=fit["max_seq_len"] + 1)) < 0
+    assert gpus.headroom(gpu, peak(batch_size=fit["max_batch_size"] + 1)) < 0
+
+
+@pytest.mark.parametrize(
+    "argv, named",
+    [
+        (["estimate", "llama-2-7b", "--gpu", "rtx5090"], "unknown GPU 'rtx5090'"),
+        (["estimate", "llama-2-7b", "--lora-r", "5000"], "lora_r 5000 exceeds the narrowest targeted layer's width"),
+        (["estimate", "llama-2-7b", "--batch-size", "0"], "batch_size must be an integer > 0, got 0"),
+        (["estimate", "llama-2-7b", "--max"], "--max and --trials need --gpu"),
+        (["estimate", "tiny-llama", "--seq-len", "999"], "seq_len 999 exceeds the model's maximum of 256"),
+    ],
+)
+def test_impossible_settings_exit_2(capsys, argv, named):
+    assert main(argv) == 2
+    assert named in capsys.readouterr().err
+
+
+def committed_rows():
+    path = VALIDATION / "measured.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("measured", committed_rows(), ids=lambda r: "-".join(
+    str(r["config"][k]) for k in ("model", "method", "grad_checkpointing", "seq_len")))
+def test_committed_validation_still_holds(measured):
+    """Re-estimate every committed measurement: an estimator change that breaks the 5% target shows here."""
+    cfg = RunConfig.from_dict({**measured["config"], "layers": None})
+    est = estimate_bytes(cfg)["bytes"]
+    assert est["peak"] == pytest.approx(measured["bytes"]["peak"], rel=0.05)
+    if measured["source"] == "measured":
+        for c in STATIC:
+            assert est[c] == measured["bytes"][c], c
