@@ -96,7 +96,8 @@ def append(path: str | Path, record: dict) -> None:
     """Append one record as a JSON line, atomically: readers see the old file or the new one, never half a line."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "w") as lock:
+    lock = os.open(path.parent, os.O_RDONLY)  # writers of one folder take turns; no lock file left behind
+    try:
         fcntl.flock(lock, fcntl.LOCK_EX)
         old = path.read_bytes() if path.exists() else b""
         if old and not old.endswith(b"\n"):
@@ -106,6 +107,8 @@ def append(path: str | Path, record: dict) -> None:
             tmp.flush()
             os.fsync(tmp.fileno())
         os.replace(tmp.name, path)
+    finally:
+        os.close(lock)
 
 
 def read(path: str | Path) -> list[dict]:
