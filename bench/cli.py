@@ -185,7 +185,10 @@ def print_record(r: dict) -> None:
         print(f"  device rss_anon_peak: {fmt_bytes(r['rss_anon_peak'], unit)} {name}; less the "
               f"{fmt_bytes(non_tensor, unit)} {name} held besides tensors at the step's start: "
               f"{fmt_bytes(r['rss_anon_peak'] - non_tensor, unit)} {name} (ledger peak {fmt_bytes(b['peak'], unit)})")
-    print(f"  step {r['step_seconds']:.3f} s (median of {c['steps']}), {r['tokens_per_second']:,.0f} tokens/s")
+    if r["step_seconds"] is None:
+        print("  step time: too noisy to extrapolate (a longer layer took less time than a shorter one)")
+    else:
+        print(f"  step {r['step_seconds']:.3f} s (median of {c['steps']}), {r['tokens_per_second']:,.0f} tokens/s")
     if r.get("warning"):
         print(f"  warning: {r['warning']}")
 

@@ -91,13 +91,15 @@ def extrapolate_bytes(near: dict, far: dict, n0: int, n1: int, depth: int) -> di
 def extrapolate(near: dict, far: dict, depth: int) -> dict:
     """Extrapolate a reduced-depth pair of raw measurements to `depth` layers (bytes, first step, step time)."""
     n0, n1 = near["layers"], far["layers"]
-    seconds = near["step_seconds"] + (far["step_seconds"] - near["step_seconds"]) * (depth - n0) / (n1 - n0)
+    per_layer = (far["step_seconds"] - near["step_seconds"]) / (n1 - n0)
+    # Timings are noisy where memory is not: a slope at or below zero says the noise swamped one layer's time.
+    seconds = far["step_seconds"] + per_layer * (depth - n1) if per_layer > 0 else None
     first = extrapolate_bytes(near["first_step"]["bytes"], far["first_step"]["bytes"], n0, n1, depth)
     return {
         "bytes": extrapolate_bytes(near["bytes"], far["bytes"], n0, n1, depth),
         "first_step": {"peak": first["peak"], "peak_at": far["first_step"]["peak_at"], "bytes": first},
         "step_seconds": seconds,
-        "tokens_per_second": far["tokens_per_second"] * far["step_seconds"] / seconds,
+        "tokens_per_second": None if seconds is None else far["tokens_per_second"] * far["step_seconds"] / seconds,
     }
 
 

@@ -123,3 +123,33 @@ def test_committed_validation_still_holds(measured):
     if measured["source"] == "measured":
         for c in STATIC:
             assert est[c] == measured["bytes"][c], c
+
+
+def test_the_committed_validation_plan_loads():
+    from bench.validate import load_plan
+
+    configs = load_plan(Path(__file__).parent.parent / "bench" / "plans" / "validation.toml")
+    assert len(configs) == 36
+    assert {c.method for c in configs} == {"full", "lora", "qlora"}
+    assert {c.model for c in configs} == {"tiny-llama", "smollm2-135m-instruct", "llama-2-7b"}
+
+
+@pytest.mark.parametrize(
+    "text, named",
+    [
+        ("[[group]]\nmodel = ['tiny-llama']\nlora_rank = [4]\n", "unknown config key(s): lora_rank"),
+        ("[[group]]\nmodel = []\n", "key 'model' must be a non-empty list"),
+        ("title = 'x'\n", "no [[group]] tables"),
+        ("[[group]\n", "plan.toml:"),
+        ("[[group]]\nmodel = ['tiny-llama']\nmethod = ['lorra']\n", "got 'lorra'"),
+    ],
+)
+def test_bad_plans_name_the_file_and_key(tmp_path, text, named):
+    from bench.validate import load_plan
+    from qlora.config import ConfigError
+
+    plan = tmp_path / "plan.toml"
+    plan.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_plan(plan)
+    assert named in str(e.value) and str(plan) in str(e.value)
