@@ -58,6 +58,7 @@ def add_run_options(p: argparse.ArgumentParser, *, method_all: bool) -> None:
     p.add_argument("--precision", default=d.precision,
                    help="bf16 (pure), mixed (bf16 model + fp32 master weights) or fp32 (default: bf16)")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
+    p.add_argument("--attention", default=d.attention, help="sdpa (default) or eager (materialises seq x seq)")
     p.add_argument("--steps", type=int, default=d.steps, help=f"training steps (default: {d.steps})")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
@@ -72,7 +73,8 @@ def configs_from_args(args, default_device: str | None = None) -> list[RunConfig
         compute_dtype=args.compute_dtype, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout, lora_targets=targets,
         optimizer=args.optimizer, lr=args.lr, precision=args.precision, batch_size=args.batch_size,
-        seq_len=args.seq_len, grad_checkpointing=args.grad_checkpointing, steps=args.steps, seed=args.seed,
+        seq_len=args.seq_len, grad_checkpointing=args.grad_checkpointing, attention=args.attention,
+        steps=args.steps, seed=args.seed,
         device=args.device or default_device or _default_device(), layers=args.layers,
     )
     return [replace(base, method=m) for m in methods]

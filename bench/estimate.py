@@ -138,35 +138,48 @@ def optimizer_state(cfg: RunConfig, st: dict, device_type: str) -> int:
     return eight + 2 * 256 * 4 + master
 
 
-def layer_activations(cfg: RunConfig, arch: Arch, tokens: int, first: bool) -> int:
-    """[torch][hf][peft] Bytes one decoder layer saves for backward (no checkpointing). `first`: layer 0, whose
-    input does not require grad under LoRA, so its first norm saves nothing and its first dropouts no mask."""
+ATTENTION_SIDE = {"q_proj": "n1", "k_proj": "n1", "v_proj": "n1", "o_proj": "attn"}
+MLP_SIDE = {"gate_proj": "n2", "up_proj": "n2", "down_proj": "prod"}
+
+
+def layer_activations(cfg: RunConfig, arch: Arch, tokens: int, first: bool) -> dict:
+    """[torch][hf][peft] Bytes one decoder layer saves for backward (no checkpointing), split into its attention
+    half (first norm, attention, q/k/v/o adapters) and its MLP half; "total" is both. `first`: layer 0, whose input
+    does not require grad under LoRA, so its first norm saves nothing and its first dropouts no mask."""
     a = 4 if cfg.precision == "fp32" else 2
     T, h, i = tokens, arch.hidden, arch.inter
     full = cfg.method == "full"
     norm = 4 * T * h + 4 * T + (a * T * h if full else 0)  # fp32 upcast, rsqrt, and the bf16 input of weight*x
-    attn = a * T * (2 * arch.q_dim + 2 * arch.kv_dim) + 4 * T * arch.heads  # q, k, v, out, logsumexp
-    mlp = 3 * a * T * i  # silu input, silu output, up
-    total = (0 if (first and not full) else norm) + norm + attn + mlp
-    inputs = {"q_proj": "n1", "k_proj": "n1", "v_proj": "n1", "o_proj": "attn", "gate_proj": "n2",
-              "up_proj": "n2", "down_proj": "prod"}
+    if cfg.attention == "sdpa":
+        attn = a * T * (2 * arch.q_dim + 2 * arch.kv_dim) + 4 * T * arch.heads  # q, k, v, out, logsumexp
+        attn_out_saved = True  # o_proj's input is SDPA's saved output (same storage)
+    else:
+        # [hf] eager: q, k and v (repeat_kv materialises them at every query head under GQA), the fp32 softmax
+        # output and its copy in the activation dtype, both b x heads x s x s.
+        kv = arch.q_dim if arch.kv_heads != arch.heads else arch.kv_dim
+        attn = a * T * (arch.q_dim + 2 * kv) + (4 + a) * cfg.batch_size * arch.heads * cfg.seq_len ** 2
+        attn_out_saved = False
+    half = {"attention": (0 if (first and not full) else norm) + attn, "mlp": norm + 3 * a * T * i}  # mlp: silu
+    # input and output, up
     width = {"n1": h, "attn": arch.q_dim, "n2": h, "prod": i}
-    if full:
-        total += a * T * (h + h + i)  # linear inputs: norm outputs (shared by q/k/v and gate/up), the mlp product
-        return total
-    saved_inputs = set()
-    for leaf, fan_in, _, _ in arch.linears:
-        if leaf not in cfg.lora_targets:
-            continue
-        src = inputs.get(leaf, leaf)
-        total += a * T * cfg.lora_r  # lora_B's input
-        if cfg.lora_dropout > 0:
-            mask = 0 if (first and src == "n1") else a * T * fan_in
-            total += mask + a * T * fan_in  # dropout mask and lora_A's input (the dropped-out copy)
-        elif src not in saved_inputs and src != "attn":  # attention output is already saved by SDPA
-            saved_inputs.add(src)
-            total += a * T * width.get(src, fan_in)
-    return total
+    if full:  # linear inputs: norm outputs (shared by q/k/v and by gate/up), o_proj's unless SDPA kept it, product
+        half["attention"] += a * T * (h + (0 if attn_out_saved else arch.q_dim))
+        half["mlp"] += a * T * (h + i)
+    else:
+        saved_inputs = set()
+        for leaf, fan_in, _, _ in arch.linears:
+            if leaf not in cfg.lora_targets:
+                continue
+            side = "attention" if leaf in ATTENTION_SIDE else "mlp"
+            src = {**ATTENTION_SIDE, **MLP_SIDE}.get(leaf, leaf)
+            half[side] += a * T * cfg.lora_r  # lora_B's input
+            if cfg.lora_dropout > 0:
+                mask = 0 if (first and src == "n1") else a * T * fan_in
+                half[side] += mask + a * T * fan_in  # dropout mask and lora_A's input (the dropped-out copy)
+            elif src not in saved_inputs and not (src == "attn" and attn_out_saved):  # SDPA saved it already
+                saved_inputs.add(src)
+                half[side] += a * T * width.get(src, fan_in)
+    return {**half, "total": half["attention"] + half["mlp"]}
 
 
 def activations(cfg: RunConfig, arch: Arch) -> dict:
@@ -184,7 +197,7 @@ def activations(cfg: RunConfig, arch: Arch) -> dict:
         layers = arch.layers * a * T * h  # [torch] non-reentrant checkpointing keeps each layer's input
         rope = 0  # held by the checkpoint's closure, not saved: counted under other
     else:
-        layers = layer_activations(cfg, arch, T, first=True) + (arch.layers - 1) * one_layer
+        layers = layer_activations(cfg, arch, T, first=True)["total"] + (arch.layers - 1) * one_layer["total"]
     return {"total": layers + head + loss + rope + ids, "layer": one_layer, "loss": loss, "head": head,
             "tokens": T, "a": a}
 
@@ -221,11 +234,20 @@ def estimate_bytes(cfg: RunConfig, arch: Arch | None = None, device_type: str | 
             attn_grads = sum(cfg.lora_r * (i + o) for leaf, i, o, _ in arch.linears
                              if leaf in cfg.lora_targets and leaf in ("q_proj", "k_proj", "v_proj", "o_proj")) * p
         temps = a * T * h + 3 * a * T * arch.inter
+        one = act["layer"]
         for name, k in (("recompute_last", arch.layers - 1), ("recompute_first", 0)):
             done = arch.layers - 1 - k
             grads = head_grads + done * layer_grads + (layer_grads - attn_grads)
-            moments[name] = {**base, "gradients": grads, "activations": (k + 1) * a * T * h + act["layer"],
+            moments[name] = {**base, "gradients": grads, "activations": (k + 1) * a * T * h + one["total"],
                              "other": temps}
+            if cfg.attention == "eager":
+                # [ledger] the softmax backward of the recomputed layer: its MLP half and the probabilities' copy in
+                # the activation dtype are freed; the fp32 gradients into and out of the softmax are live.
+                probs = cfg.batch_size * arch.heads * cfg.seq_len ** 2
+                moments[name + "_softmax"] = {
+                    **base, "gradients": grads,
+                    "activations": (k + 1) * a * T * h + one["attention"] - a * probs,
+                    "other": a * T * h + 8 * probs}
     for m in moments.values():
         m["peak"] = sum(m[c] for c in CATEGORIES)
     phase = max(moments, key=lambda k: moments[k]["peak"])

@@ -45,7 +45,8 @@ def load_plan(path: str | Path) -> list[RunConfig]:
 
 
 def key(config: dict) -> str:
-    return json.dumps(config, sort_keys=True)
+    """Identity of a row: the full config, defaults filled in, so records from before a new field still match."""
+    return json.dumps(RunConfig.from_dict(config).to_dict(), sort_keys=True)
 
 
 def compare(measured: dict, estimated: dict) -> dict:

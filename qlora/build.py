@@ -84,7 +84,7 @@ def _materialise_(module: nn.Module, device: torch.device, init) -> None:
 
 def random_model(hf_cfg, cfg: RunConfig, device: torch.device) -> nn.Module:
     """Random weights, straight in the target dtype; under qlora each layer is quantised as soon as it exists."""
-    model = models.meta_model(hf_cfg, model_dtype(cfg))
+    model = models.meta_model(hf_cfg, model_dtype(cfg), cfg.attention)
     layers = model.get_decoder().layers
     with torch.no_grad():
         for layer in layers:
@@ -110,7 +110,8 @@ def pretrained_model(source: models.ModelSource, hf_cfg, cfg: RunConfig, device:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = str(models.smollm2_dir()) if source.kind == "pretrained" else source.path
-    kwargs = dict(config=hf_cfg, dtype=model_dtype(cfg), use_safetensors=True, trust_remote_code=False)
+    kwargs = dict(config=hf_cfg, dtype=model_dtype(cfg), use_safetensors=True, trust_remote_code=False,
+                  attn_implementation=cfg.attention)
     if cfg.quantized:
         kwargs["quantization_config"] = quantize.bnb_config(cfg)
     if device.type == "cuda":

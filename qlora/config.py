@@ -16,6 +16,9 @@ Optimizer = Literal["adamw", "adamw8bit", "paged_adamw8bit"]
 # bf16: everything (weights, gradients, optimizer moments) in bf16. mixed: bf16 model, fp32 master copy of the
 # trainable parameters held by the optimizer. fp32: everything in fp32 (the CPU-friendly reference).
 Precision = Literal["bf16", "mixed", "fp32"]
+# transformers' attention implementations available without extra packages: sdpa (torch's fused kernels; the
+# default) keeps O(seq) per head for backward, eager materialises the O(seq^2) attention matrix.
+Attention = Literal["sdpa", "eager"]
 
 # All seven projections of a Llama/Mistral/Qwen2 block: the QLoRA paper's finding is that adapting every linear
 # layer is what closes the gap to full fine-tuning.
@@ -60,6 +63,7 @@ class RunConfig:
     batch_size: int = 1
     seq_len: int = 512
     grad_checkpointing: bool = False
+    attention: Attention = "sdpa"
     steps: int = 3
     seed: int = 0
     device: str = "cpu"
@@ -71,6 +75,7 @@ class RunConfig:
         _choice("compute_dtype", self.compute_dtype, DType)
         _choice("optimizer", self.optimizer, Optimizer)
         _choice("precision", self.precision, Precision)
+        _choice("attention", self.attention, Attention)
         if not isinstance(self.model, str) or not self.model.strip():
             raise ConfigError(f"model must be a non-empty name or path, got {self.model!r}")
         for name in ("lora_r", "lora_alpha", "batch_size", "seq_len", "steps"):

@@ -113,13 +113,13 @@ def hf_config(source: ModelSource, layers: int | None = None):
     return cfg
 
 
-def meta_model(cfg, dtype=None):
+def meta_model(cfg, dtype=None, attention: str = "sdpa"):
     """The architecture on the meta device (bf16 unless told): shapes without memory, for counting and planning."""
     import torch
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(cfg, dtype=dtype or torch.bfloat16)
+        return AutoModelForCausalLM.from_config(cfg, dtype=dtype or torch.bfloat16, attn_implementation=attention)
 
 
 @cache

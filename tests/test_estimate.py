@@ -129,7 +129,8 @@ def test_the_committed_validation_plan_loads():
     from bench.validate import load_plan
 
     configs = load_plan(Path(__file__).parent.parent / "bench" / "plans" / "validation.toml")
-    assert len(configs) == 36
+    assert len(configs) == 54
+    assert {c.attention for c in configs} == {"sdpa", "eager"}
     assert {c.method for c in configs} == {"full", "lora", "qlora"}
     assert {c.model for c in configs} == {"tiny-llama", "smollm2-135m-instruct", "llama-2-7b"}
 
