@@ -219,6 +219,13 @@ def estimate_bytes(cfg: RunConfig, arch: Arch | None = None, device_type: str | 
     # Optimizer step: every gradient is live, activations are gone, plus the step's temporaries.
     moments["optimizer"] = {**base, "gradients": st["trainable_bytes"], "activations": 0,
                             "other": optimizer_temporaries(cfg, st, device_type)}
+    if cfg.quantized and not cfg.grad_checkpointing:
+        # [bnb][ledger] Backward through the last layer's MLP: the loss and head are done, and MatMul4Bit
+        # dequantises the whole 4-bit weight (out x in, compute dtype) to compute the input's gradient.
+        widest = max(i * o for _, i, o, _ in arch.linears)
+        moments["dequantise"] = {**base, "gradients": 0,
+                                 "activations": act["total"] - act["loss"] - act["head"],
+                                 "other": 2 * widest + a * T * (h + arch.inter)}
     if cfg.grad_checkpointing:
         # [ledger] Backward through layer k (from the last down to 0): the inputs of layers 0..k are still saved,
         # layer k's activations are recomputed, the gradient of its output flows in, and its MLP backward holds
@@ -240,6 +247,10 @@ def estimate_bytes(cfg: RunConfig, arch: Arch | None = None, device_type: str | 
             grads = head_grads + done * layer_grads + (layer_grads - attn_grads)
             moments[name] = {**base, "gradients": grads, "activations": (k + 1) * a * T * h + one["total"],
                              "other": temps}
+            if cfg.quantized:  # [bnb][ledger] or while MatMul4Bit holds a dequantised weight in that backward
+                moments[name + "_dequantise"] = {**moments[name],
+                                                 "other": 2 * max(i * o for _, i, o, _ in arch.linears)
+                                                 + a * T * (h + arch.inter)}
             if cfg.attention == "eager":
                 # [ledger] the softmax backward of the recomputed layer: its MLP half and the probabilities' copy in
                 # the activation dtype are freed; the fp32 gradients into and out of the softmax are live.
@@ -250,10 +261,10 @@ def estimate_bytes(cfg: RunConfig, arch: Arch | None = None, device_type: str | 
                     "other": a * T * h + 8 * probs}
     for m in moments.values():
         m["peak"] = sum(m[c] for c in CATEGORIES)
-    phase = max(moments, key=lambda k: moments[k]["peak"])
+    phase = max(moments, key=lambda k: moments[k]["peak"])  # the first listed wins a tie
     out = moments[phase]
     return {"bytes": {c: out[c] for c in (*CATEGORIES, "peak")},
-            "phase": "backward" if phase.startswith("recompute") else phase,
+            "phase": "optimizer" if phase == "optimizer" else "backward",
             "moments": {k: v["peak"] for k, v in moments.items()}}
 
 

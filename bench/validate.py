@@ -113,16 +113,18 @@ def markdown(rows: list[dict]) -> str:
         "depth from two reduced depths); estimated by `qlora-bench estimate` with no run. Category columns:",
         f"estimate minus measurement in MiB, each at its own peak. Target: peak within {TOLERANCE:.0%}.",
         "",
-        "| model | method | ckpt | batch x seq | source | measured peak GiB | estimated GiB | peak error | "
-        + " | ".join(CATEGORIES) + " | phase (measured / estimated) |",
-        "|---|---|---|---|---|---|---|---|" + "---|" * len(CATEGORIES) + "---|",
+        "| model | method | ckpt | attention | LoRA dropout | batch x seq | source | measured peak GiB | estimated GiB "
+        "| peak error | " + " | ".join(CATEGORIES) + " | phase (measured / estimated) |",
+        "|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(CATEGORIES) + "---|",
     ]
     for r in rows:
-        c = r["config"]
+        c = RunConfig.from_dict(r["config"]).to_dict()
+        dropout = c["lora_dropout"] if c["method"] != "full" else "-"
         cats = " | ".join(f"{r['category_error_bytes'][k] / 2**20:+.2f}" for k in CATEGORIES)
         flag = "" if abs(r["peak_error"]) <= TOLERANCE else " ⚠"
         lines.append(
-            f"| {c['model']} | {c['method']} | {'on' if c['grad_checkpointing'] else 'off'} | "
+            f"| {c['model']} | {c['method']} | {'on' if c['grad_checkpointing'] else 'off'} | {c['attention']} | "
+            f"{dropout} | "
             f"{c['batch_size']} x {c['seq_len']} | {r['source']} | {r['measured_peak'] / GiB:.3f} | "
             f"{r['estimated_peak'] / GiB:.3f} | {r['peak_error']:+.2%}{flag} | {cats} | "
             f"{r['measured_phase']} / {r['estimated_phase']} |")
