@@ -29,7 +29,8 @@ def git_state() -> dict:
         head = git("rev-parse", "HEAD")
         if head.returncode != 0:
             return {"git_commit": None, "git_dirty": None}
-        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip() != ""
+        # Results written under reports/ do not change what produced them; anything else uncommitted does.
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!reports").stdout.strip() != ""
         return {"git_commit": head.stdout.strip(), "git_dirty": dirty}
     except (OSError, subprocess.SubprocessError):
         return {"git_commit": None, "git_dirty": None}
