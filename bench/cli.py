@@ -214,10 +214,8 @@ def cmd_measure(args) -> int:
 
 
 def cmd_estimate(args) -> int:
-    from dataclasses import replace
-
     from bench import gpus, record
-    from bench.estimate import estimate_bytes, largest_fitting, read_arch
+    from bench.estimate import estimate_bytes, read_arch
 
     if args.gpu and args.gpu.lower() == "list":
         for g in gpus.CATALOG.values():
@@ -235,19 +233,7 @@ def cmd_estimate(args) -> int:
         est = estimate_bytes(cfg, arch)
         extra = {"peak_at": {"phase": est["phase"]}, "moments": est["moments"]}
         if gpu is not None:
-            fit = {"gpu": gpu.name, "total_bytes": gpu.total_bytes, "needed_bytes": gpus.needed(est["bytes"]["peak"]),
-                   "headroom_bytes": gpus.headroom(gpu, est["bytes"]["peak"])}
-            fit["fits"] = fit["headroom_bytes"] >= 0
-            if args.trials:
-                fit["trials"] = gpus.trials(gpu, est["bytes"]["peak"])
-            if args.max:
-                def fits(peak, g=gpu):
-                    return gpus.headroom(g, peak) >= 0
-
-                limit = getattr(models_hf(cfg), "max_position_embeddings", None) or 131072
-                fit["max_seq_len"] = largest_fitting(cfg, arch, "seq_len", fits, limit)
-                fit["max_batch_size"] = largest_fitting(replace(cfg), arch, "batch_size", fits, 4096)
-            extra["fit"] = fit
+            extra["fit"] = gpus.plan(gpu, cfg, arch, est["bytes"]["peak"], limits=args.max, side_by_side=args.trials)
         records.append(record.make(cfg.to_dict(), source="estimated", status="ok", bytes_=est["bytes"],
                                    env=record.environment("cpu"), layers=arch.layers, **extra))
     if args.json:
@@ -256,12 +242,6 @@ def cmd_estimate(args) -> int:
     else:
         print_estimates(records, gpu)
     return 0
-
-
-def models_hf(cfg: RunConfig):
-    from qlora import models
-
-    return models.hf_config(models.resolve(cfg.model), cfg.layers)
 
 
 def print_estimates(records: list[dict], gpu) -> None:

@@ -47,6 +47,7 @@ class Arch:
     other_params: int  # elements outside the decoder Linears (embeddings, norms, lm_head once if untied)
     buffer_bytes: int  # rotary inv_freq and friends, fp32
     param_numels: tuple  # every parameter tensor's element count (tied ones once): Full FT's trainable tensors
+    max_positions: int | None = None
 
     @property
     def q_dim(self) -> int:
@@ -78,6 +79,7 @@ def read_arch(cfg: RunConfig) -> Arch:
         other_params=sum(p.numel() for p in params if id(p) not in in_linears),
         buffer_bytes=sum(b.numel() * b.element_size() for b in meta.buffers()),
         param_numels=tuple(p.numel() for p in params),
+        max_positions=getattr(hf, "max_position_embeddings", None),
     )
 
 
