@@ -263,7 +263,9 @@ def print_estimates(records: list[dict], gpu) -> None:
         line = f"    {r['config']['method']:<6} {verdict:<13} headroom {f['headroom_bytes'] / GiB:+.2f} GiB"
         if "trials" in f:
             line += f" · {f['trials']} concurrent run(s)"
-        if "max_seq_len" in f:
+        if "max_seq_len" in f and f["max_seq_len"] is None:
+            line += " · not even one token fits"
+        elif "max_seq_len" in f:
             line += f" · max seq_len {f['max_seq_len']} (batch {r['config']['batch_size']})"
             line += f" · max batch {f['max_batch_size']} (seq {r['config']['seq_len']})"
         print(line)
