@@ -214,6 +214,8 @@ def estimate_bytes(cfg: RunConfig, arch: Arch | None = None, device_type: str | 
     act = activations(cfg, arch)
     T, V, h, a = act["tokens"], arch.vocab, arch.hidden, act["a"]
     base = {"weights": st["weights"], "quant_state": st["quant_state"], "adapter": st["adapter"], "optimizer": opt}
+    # [bnb] MatMul4Bit's backward dequantises the whole widest 4-bit weight (out x in) in the compute dtype.
+    dequantised = max(i * o for _, i, o, _ in arch.linears) * (4 if cfg.compute_dtype == "fp32" else 2)
 
     moments = {}
     # Backward starts: every activation is live, and the loss backward holds two fp32 logits-sized gradients.
@@ -222,12 +224,10 @@ def estimate_bytes(cfg: RunConfig, arch: Arch | None = None, device_type: str | 
     moments["optimizer"] = {**base, "gradients": st["trainable_bytes"], "activations": 0,
                             "other": optimizer_temporaries(cfg, st, device_type)}
     if cfg.quantized and not cfg.grad_checkpointing:
-        # [bnb][ledger] Backward through the last layer's MLP: the loss and head are done, and MatMul4Bit
-        # dequantises the whole 4-bit weight (out x in, compute dtype) to compute the input's gradient.
-        widest = max(i * o for _, i, o, _ in arch.linears)
+        # [ledger] Backward through the last layer's MLP: the loss and head are done, a dequantised weight is live.
         moments["dequantise"] = {**base, "gradients": 0,
                                  "activations": act["total"] - act["loss"] - act["head"],
-                                 "other": 2 * widest + a * T * (h + arch.inter)}
+                                 "other": dequantised + a * T * (h + arch.inter)}
     if cfg.grad_checkpointing:
         # [ledger] Backward through layer k (from the last down to 0): the inputs of layers 0..k are still saved,
         # layer k's activations are recomputed, the gradient of its output flows in, and its MLP backward holds
@@ -237,11 +237,11 @@ def estimate_bytes(cfg: RunConfig, arch: Arch | None = None, device_type: str | 
         p = st["p"]
         head_grads = (V * h + h) * p if cfg.method == "full" else 0
         layer_grads = (st["trainable_bytes"] - (arch.other_params * p if cfg.method == "full" else 0)) // arch.layers
-        attn_grads = sum(i * o for leaf, i, o, _ in arch.linears if leaf in ("q_proj", "k_proj", "v_proj",
-                                                                           "o_proj")) * p
-        if cfg.method != "full":
+        if cfg.method == "full":
+            attn_grads = sum(i * o for leaf, i, o, _ in arch.linears if leaf in ATTENTION_SIDE) * p
+        else:
             attn_grads = sum(cfg.lora_r * (i + o) for leaf, i, o, _ in arch.linears
-                             if leaf in cfg.lora_targets and leaf in ("q_proj", "k_proj", "v_proj", "o_proj")) * p
+                             if leaf in cfg.lora_targets and leaf in ATTENTION_SIDE) * p
         temps = a * T * h + 3 * a * T * arch.inter
         one = act["layer"]
         for name, k in (("recompute_last", arch.layers - 1), ("recompute_first", 0)):
@@ -250,9 +250,7 @@ def estimate_bytes(cfg: RunConfig, arch: Arch | None = None, device_type: str | 
             moments[name] = {**base, "gradients": grads, "activations": (k + 1) * a * T * h + one["total"],
                              "other": temps}
             if cfg.quantized:  # [bnb][ledger] or while MatMul4Bit holds a dequantised weight in that backward
-                moments[name + "_dequantise"] = {**moments[name],
-                                                 "other": 2 * max(i * o for _, i, o, _ in arch.linears)
-                                                 + a * T * (h + arch.inter)}
+                moments[name + "_dequantise"] = {**moments[name], "other": dequantised + a * T * (h + arch.inter)}
             if cfg.attention == "eager":
                 # [ledger] the softmax backward of the recomputed layer: its MLP half and the probabilities' copy in
                 # the activation dtype are freed; the fp32 gradients into and out of the softmax are live.
