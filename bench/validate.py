@@ -6,47 +6,16 @@ Rows already measured in OUT/measured.jsonl (same config) are not measured again
 
 from __future__ import annotations
 
-import itertools
 import json
 from pathlib import Path
 
-import tomllib
-
 from bench import record
 from bench.estimate import CATEGORIES, estimate_bytes, read_arch
-from qlora.config import ConfigError, RunConfig
+from bench.plan import key, load_plan
+from qlora.config import RunConfig
 
 GiB = 2**30
 TOLERANCE = 0.05  # peak, relative to the measured peak (issue 4's target)
-
-
-def load_plan(path: str | Path) -> list[RunConfig]:
-    """The RunConfigs of a plan file. Raises ConfigError naming the file and the bad key or value."""
-    path = Path(path)
-    try:
-        plan = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as e:
-        raise ConfigError(f"{path}: {e}") from None
-    groups = plan.get("group")
-    if not groups:
-        raise ConfigError(f"{path}: no [[group]] tables")
-    configs = []
-    for i, group in enumerate(groups):
-        keys = sorted(group)
-        for key in keys:
-            if not isinstance(group[key], list) or not group[key]:
-                raise ConfigError(f"{path}: group {i + 1} key {key!r} must be a non-empty list")
-        for values in itertools.product(*(group[k] for k in keys)):
-            try:
-                configs.append(RunConfig.from_dict({**dict(zip(keys, values, strict=True)), "device": "cpu"}))
-            except ConfigError as e:
-                raise ConfigError(f"{path}: group {i + 1}: {e}") from None
-    return configs
-
-
-def key(config: dict) -> str:
-    """Identity of a row: the full config, defaults filled in, so records from before a new field still match."""
-    return json.dumps(RunConfig.from_dict(config).to_dict(), sort_keys=True)
 
 
 def compare(measured: dict, estimated: dict) -> dict:

@@ -126,7 +126,7 @@ def test_committed_validation_still_holds(measured):
 
 
 def test_the_committed_validation_plan_loads():
-    from bench.validate import load_plan
+    from bench.plan import load_plan
 
     configs = load_plan(Path(__file__).parent.parent / "bench" / "plans" / "validation.toml")
     assert len(configs) == 54
@@ -140,13 +140,14 @@ def test_the_committed_validation_plan_loads():
     [
         ("[[group]]\nmodel = ['tiny-llama']\nlora_rank = [4]\n", "unknown config key(s): lora_rank"),
         ("[[group]]\nmodel = []\n", "key 'model' must be a non-empty list"),
-        ("title = 'x'\n", "no [[group]] tables"),
+        ("title = 'x'\n", "unknown top-level key(s) title"),
+        ("# empty\n", "no [[group]] tables"),
         ("[[group]\n", "plan.toml:"),
         ("[[group]]\nmodel = ['tiny-llama']\nmethod = ['lorra']\n", "got 'lorra'"),
     ],
 )
 def test_bad_plans_name_the_file_and_key(tmp_path, text, named):
-    from bench.validate import load_plan
+    from bench.plan import load_plan
     from qlora.config import ConfigError
 
     plan = tmp_path / "plan.toml"
