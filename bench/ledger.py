@@ -28,6 +28,14 @@ STATIC = CATEGORIES[:5]
 TIMELINE_POINTS = 300
 
 
+class BudgetExceeded(MemoryError):
+    """Live tensors went over the budget a run was given (`--budget-gib`): an out-of-memory at that capacity."""
+
+    def __init__(self, live: int, budget: int):
+        super().__init__(f"live tensors reached {live / 2**30:.4g} GiB, over the budget of {budget / 2**30:.4g} GiB")
+        self.live, self.budget = live, budget
+
+
 @dataclass
 class Rec:
     """One storage's life: bytes, when it was born and died (event numbers), and what it turned out to be."""
@@ -72,8 +80,9 @@ class Ledger(TorchDispatchMode):
     backward and after the optimizer step so gradients and new optimizer state are known, and `phase()` as the
     step moves on. Results: `peak`, `categories()`, `peak_at`, `timeline()`."""
 
-    def __init__(self, model: nn.Module, optimizer, device: torch.device | str):
+    def __init__(self, model: nn.Module, optimizer, device: torch.device | str, budget: int | None = None):
         super().__init__()
+        self.budget = budget
         self.model, self.optimizer = model, optimizer
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
@@ -108,6 +117,8 @@ class Ledger(TorchDispatchMode):
             self.all.append(rec)
             self._finalizers.append(weakref.finalize(st, self._freed, key))
             self.current += rec.nbytes
+            if self.budget is not None and self.current > self.budget:
+                raise BudgetExceeded(self.current, self.budget)
             if self.current > self.peak:
                 self.peak = self.current
                 self._dirty = True

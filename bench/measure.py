@@ -11,7 +11,7 @@ from dataclasses import replace
 import torch
 
 from bench import record
-from bench.ledger import CATEGORIES, Ledger
+from bench.ledger import CATEGORIES, BudgetExceeded, Ledger
 from bench.probes import DeviceProbe, rss_anon_bytes
 from qlora import models
 from qlora.build import build, count_trainable
@@ -25,8 +25,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def ledgered_step(model, optimizer, batch, device) -> Ledger:
-    ledger = Ledger(model, optimizer, device)
+def ledgered_step(model, optimizer, batch, device, budget: int | None = None) -> Ledger:
+    ledger = Ledger(model, optimizer, device, budget)
     with ledger:
         train_step(model, optimizer, batch, on_phase=ledger.phase)
     return ledger
@@ -38,8 +38,9 @@ def is_oom(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and "can't allocate memory" in str(e)  # torch's CPU allocator
 
 
-def measure_once(cfg: RunConfig) -> dict:
-    """Measure cfg at the depth it asks for. Returns a dict of raw figures (not yet a record)."""
+def measure_once(cfg: RunConfig, budget: int | None = None) -> dict:
+    """Measure cfg at the depth it asks for. Returns a dict of raw figures (not yet a record). With a `budget`
+    (bytes), live tensors beyond it raise BudgetExceeded: an out-of-memory at that capacity."""
     baseline = rss_anon_bytes()
     built = build(cfg)
     device = next(built.model.parameters()).device
@@ -48,7 +49,8 @@ def measure_once(cfg: RunConfig) -> dict:
     # Memory and speed do not depend on which token ids are fed; random ids in the vocabulary keep it simple.
     batch = torch.randint(0, built.hf_config.vocab_size, (cfg.batch_size, cfg.seq_len), generator=g).to(device)
 
-    first = ledgered_step(built.model, optimizer, batch, device)  # allocates optimizer state: a one-time peak
+    # The first step allocates optimizer state (often the run's real peak), so it is the one held to the budget.
+    first = ledgered_step(built.model, optimizer, batch, device, budget)
     times = []
     for _ in range(cfg.steps):
         _sync(device)
@@ -59,7 +61,7 @@ def measure_once(cfg: RunConfig) -> dict:
     probe = DeviceProbe(device)
     rss_start = rss_anon_bytes()
     probe.start()
-    ledger = ledgered_step(built.model, optimizer, batch, device)
+    ledger = ledgered_step(built.model, optimizer, batch, device, budget)
     figures = probe.stop()
     step_seconds = statistics.median(times)
     return {
@@ -103,12 +105,17 @@ def extrapolate(near: dict, far: dict, depth: int) -> dict:
     }
 
 
-def measure(cfg: RunConfig, run=None) -> dict:
+def measure(cfg: RunConfig, run=None, budget: int | None = None) -> dict:
     """A result record for cfg: measured at full depth, or extrapolated when cfg.layers is below it.
 
     `run(fn, cfg)` runs one measurement (default: in this process; the CLI passes a fresh-process runner).
     Out-of-memory becomes a record with status "oom"; other failures status "error". Bad input raises ConfigError.
     """
+    if budget is not None:
+        from functools import partial
+
+        inner = run or (lambda fn, c: fn(c))
+        run = lambda fn, c: inner(partial(fn, budget=budget), c)  # noqa: E731
     run = run or (lambda fn, c: fn(c))
     full_depth = models.hf_config(models.resolve(cfg.model)).num_hidden_layers
     env = record.environment(cfg.device)
@@ -136,12 +143,14 @@ def measure(cfg: RunConfig, run=None) -> dict:
     except BaseException as e:  # an out-of-memory run is a result; any other failure is recorded with its message
         status = "oom" if is_oom(e) else "error"
         message = (f"{type(e).__name__}: {e}".strip().splitlines() or [type(e).__name__])[0]
+        reached = {"oom_bytes": e.live} if isinstance(e, BudgetExceeded) else {}
         return record.make(cfg.to_dict(), source=source, status=status, bytes_=None, error=message, env=env,
-                           layers=full_depth)
+                           layers=full_depth, budget_bytes=budget, **reached)
     return record.make(
         cfg.to_dict(), source=source, status="ok", bytes_=fields["bytes"], device_figures=figures,
         step_seconds=fields["step_seconds"], tokens_per_second=fields["tokens_per_second"], env=env,
-        layers=full_depth, trainable_parameters=raw["trainable_parameters"], peak_at=raw["peak_at"],
+        layers=full_depth, budget_bytes=budget, trainable_parameters=raw["trainable_parameters"],
+        peak_at=raw["peak_at"],
         first_step=fields["first_step"], timeline=raw["timeline"], **extra,
     )
 
