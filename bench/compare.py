@@ -1,0 +1,84 @@
+"""`qlora-bench compare BASELINE NEW`: match result records by config and report memory and time deltas.
+
+Prints Markdown (fit for a CI job summary). A run regresses when its peak or any category grows by more than
+`memory_threshold` of its baseline value (and by more than `floor_bytes`, so a few KiB on an empty category is not
+a regression), when its step time grows by more than `time_threshold`, or when it no longer finishes (ok -> oom or
+error). The CLI exits 3 when anything regressed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench import record
+from bench.ledger import CATEGORIES
+from bench.plan import key
+from qlora.config import ConfigError
+
+GiB, MiB = 2**30, 2**20
+
+
+@dataclass
+class Row:
+    config: dict
+    old: dict | None
+    new: dict | None
+    problems: list[str] = field(default_factory=list)
+
+
+def load(path: str | Path) -> dict[str, dict]:
+    """Records of a JSONL file by config (the last record of a config wins). Raises ConfigError if unreadable."""
+    try:
+        records = record.read(path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read result records from {path}: {e}") from None
+    return {key(r["config"]): r for r in records}
+
+
+def compare(baseline: dict[str, dict], new: dict[str, dict], *, memory_threshold: float = 0.02,
+            time_threshold: float = 0.15, floor_bytes: int = MiB) -> list[Row]:
+    rows = []
+    for k in list(baseline) + [k for k in new if k not in baseline]:
+        old, cur = baseline.get(k), new.get(k)
+        row = Row((old or cur)["config"], old, cur)
+        rows.append(row)
+        if old is None or cur is None or old["status"] != "ok":
+            continue
+        if cur["status"] != "ok":
+            row.problems.append(f"was ok, now {cur['status']}: {cur['error']}")
+            continue
+        for c in (*CATEGORIES, "peak"):
+            a, b = old["bytes"][c], cur["bytes"][c]
+            if b - a > max(memory_threshold * a, floor_bytes):
+                row.problems.append(f"{c} +{(b - a) / MiB:,.1f} MiB ({(b - a) / a:+.1%})" if a else
+                                    f"{c} +{(b - a) / MiB:,.1f} MiB (was 0)")
+        ta, tb = old.get("step_seconds"), cur.get("step_seconds")
+        if ta and tb and tb > ta * (1 + time_threshold):
+            row.problems.append(f"step time {tb / ta - 1:+.0%}")
+    return rows
+
+
+def describe(config: dict) -> str:
+    ckpt = " ckpt" if config.get("grad_checkpointing") else ""
+    return f"{config['model']} {config['method']} {config['batch_size']}x{config['seq_len']}{ckpt}"
+
+
+def markdown(rows: list[Row], baseline: str, new: str) -> str:
+    bad = [r for r in rows if r.problems]
+    lines = [f"## qlora-bench compare: {len(bad)} of {len(rows)} runs regressed", "",
+             f"Baseline `{baseline}`, new `{new}`.", "",
+             "| run | peak GiB (baseline → new) | Δ peak | step s (baseline → new) | verdict |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        if r.old is None or r.new is None:
+            where = "new only" if r.old is None else "missing from new"
+            lines.append(f"| {describe(r.config)} | | | | {where} |")
+            continue
+        peaks = [x["bytes"]["peak"] if x["status"] == "ok" else None for x in (r.old, r.new)]
+        peak = " → ".join("—" if p is None else f"{p / GiB:.3f}" for p in peaks)
+        delta = f"{peaks[1] / peaks[0] - 1:+.2%}" if None not in peaks else ""
+        times = " → ".join("—" if x.get("step_seconds") is None else f"{x['step_seconds']:.3f}" for x in (r.old, r.new))
+        verdict = "**regressed**: " + "; ".join(r.problems) if r.problems else "ok"
+        lines.append(f"| {describe(r.config)} | {peak} | {delta} | {times} | {verdict} |")
+    return "\n".join(lines) + "\n"
