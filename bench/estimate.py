@@ -28,7 +28,6 @@ from qlora.config import ConfigError, RunConfig
 from qlora.quantize import KEEP_UNQUANTISED
 
 CATEGORIES = ("weights", "quant_state", "adapter", "gradients", "optimizer", "activations", "other")
-DTYPE_BYTES = {"torch.bfloat16": 2, "torch.float16": 2, "torch.float32": 4}
 
 
 @dataclass(frozen=True)

@@ -17,12 +17,7 @@ from qlora import models
 from qlora.build import build, count_trainable
 from qlora.config import ConfigError, RunConfig
 from qlora.optim import make_optimizer
-from qlora.train import train_step
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from qlora.train import sync, train_step
 
 
 def ledgered_step(model, optimizer, batch, device, budget: int | None = None) -> Ledger:
@@ -53,10 +48,10 @@ def measure_once(cfg: RunConfig, budget: int | None = None) -> dict:
     first = ledgered_step(built.model, optimizer, batch, device, budget)
     times = []
     for _ in range(cfg.steps):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         train_step(built.model, optimizer, batch)
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t0)
     probe = DeviceProbe(device)
     rss_start = rss_anon_bytes()
@@ -111,12 +106,13 @@ def measure(cfg: RunConfig, run=None, budget: int | None = None) -> dict:
     `run(fn, cfg)` runs one measurement (default: in this process; the CLI passes a fresh-process runner).
     Out-of-memory becomes a record with status "oom"; other failures status "error". Bad input raises ConfigError.
     """
-    if budget is not None:
-        from functools import partial
+    from functools import partial
 
-        inner = run or (lambda fn, c: fn(c))
-        run = lambda fn, c: inner(partial(fn, budget=budget), c)  # noqa: E731
-    run = run or (lambda fn, c: fn(c))
+    runner = run or (lambda fn, c: fn(c))
+    once = measure_once if budget is None else partial(measure_once, budget=budget)
+
+    def measure_at(c):  # every depth is measured under the same budget
+        return runner(once, c)
     full_depth = models.hf_config(models.resolve(cfg.model)).num_hidden_layers
     env = record.environment(cfg.device)
     extrapolating = cfg.layers is not None and cfg.layers < full_depth
@@ -125,13 +121,13 @@ def measure(cfg: RunConfig, run=None, budget: int | None = None) -> dict:
     source = "extrapolated" if extrapolating else "measured"
     try:
         if not extrapolating:
-            raw = run(measure_once, cfg)
+            raw = measure_at(cfg)
             fields = {k: raw[k] for k in ("bytes", "first_step", "step_seconds", "tokens_per_second")}
             figures = raw["device_figures"]
             extra = {k: raw[k] for k in ("rss_anon_baseline", "rss_anon_step_start", "ledger_step_start")}
         else:
-            near = run(measure_once, replace(cfg, layers=cfg.layers // 2))
-            raw = run(measure_once, cfg)
+            near = measure_at(replace(cfg, layers=cfg.layers // 2))
+            raw = measure_at(cfg)
             fields = extrapolate(near, raw, full_depth)
             figures = None  # the device saw smaller models; their own figures are under measured_at
             extra = {"measured_at": [_depth_summary(near), _depth_summary(raw)], "timeline_layers": raw["layers"]}

@@ -59,14 +59,15 @@ def train(built: Built, cfg: RunConfig, optimizer, blocks: torch.Tensor, steps: 
     out = []
     for _ in range(steps if steps is not None else cfg.steps):
         batch = next(it).to(device)
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         loss = train_step(built.model, optimizer, batch)  # .item() inside synchronises the loss, not the step
-        _sync(device)
+        sync(device)
         out.append(Step(loss, time.perf_counter() - t0, batch.numel()))
     return out
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for queued device work, so a clock read around a step times the step."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
