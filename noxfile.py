@@ -34,31 +34,52 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """The main job: measure Full FT, LoRA and QLoRA (memory by category, device figures, step time), then the
-    benchmarks (pytest-benchmark; JSON in .bench/).
+    """The main job: the plan for this hardware (`qlora-bench bench`), then the pytest-benchmark benchmarks.
 
-    Without a GPU: the real pretrained SmolLM2-135M-Instruct on CPU, each run in its own process. With CUDA:
-    random-weight Llama-2-7B, LoRA and QLoRA at sequence length 512. Records are appended to .bench/results.jsonl.
-    Posargs replace the default arguments of `qlora-bench measure`, e.g.
-    `nox -s bench -- llama-2-7b --method qlora --seq-len 128`.
+    Without a GPU: bench/plans/cpu-quick.toml (the real pretrained SmolLM2-135M-Instruct three ways, Llama-2-7B
+    extrapolated from 1 and 2 layers, 7B estimates), about 15 minutes on 2 cores. With CUDA: bench/plans/gpu-7b.toml.
+    Results and summary.md go to reports/bench/PLAN/DEVICE/; a second run resumes (posargs `--fresh` re-measures).
+    Posargs go to `qlora-bench bench`, e.g. `nox -s bench -- --plan gpu-7b --budget-gib 24`. pytest-benchmark's JSON
+    goes to .bench/benchmark.json and its history to .benchmarks/ (`pytest-benchmark compare`).
     """
     install(session, "test")
     session.run("qlora-bench", "fetch")
-    out = ["--out", ".bench/results.jsonl"]
-    if session.posargs:
-        session.run("qlora-bench", "measure", *session.posargs, *out)
-    elif has_cuda(session):
-        session.run("qlora-bench", "measure", "llama-2-7b", "--method", "lora", "--seq-len", "512", *out)
-        session.run("qlora-bench", "measure", "llama-2-7b", "--method", "qlora", "--seq-len", "512", *out)
-    else:
-        session.run("qlora-bench", "measure", "smollm2-135m-instruct", "--method", "all", "--seq-len", "256",
-                    "--batch-size", "2", *out)
-    if not session.posargs:
-        session.run("pytest", "benchmarks", "--benchmark-enable", "--benchmark-json", ".bench/benchmark.json")
+    session.run("qlora-bench", "bench", *session.posargs)
+    session.run("pytest", "benchmarks", "--benchmark-enable", "--benchmark-autosave",
+                "--benchmark-json", ".bench/benchmark.json")
+
+
+@nox.session
+def regress(session: nox.Session) -> None:
+    """Run the quick plan (or the GPU plan, with CUDA) afresh and compare it with the committed baseline in
+    reports/baseline/: exit non-zero if memory grew by more than 2% or step time by more than 15%. The Markdown
+    goes to stdout and, under GitHub Actions, to the job summary. Posargs go to `qlora-bench compare`."""
+    import os
+    import shutil
+
+    install(session, "test")
+    session.run("qlora-bench", "fetch")
+    plan = "gpu-7b" if has_cuda(session) else "cpu-quick"
+    baseline = f"reports/baseline/{plan}.jsonl"
+    if not os.path.exists(baseline):
+        session.error(f"no baseline {baseline} for this hardware; make one on this machine with "
+                      f"`qlora-bench sweep bench/plans/{plan}.toml --out DIR` and commit DIR/results.jsonl as it")
+    out = f".bench/regress/{plan}"
+    shutil.rmtree(out, ignore_errors=True)
+    session.run("qlora-bench", "sweep", f"bench/plans/{plan}.toml", "--out", out)
+    report = f"{out}/compare.md"
+    try:
+        session.run("qlora-bench", "compare", baseline, f"{out}/results.jsonl", "--markdown", report,
+                    *session.posargs)
+    finally:
+        summary = os.environ.get("GITHUB_STEP_SUMMARY")
+        if summary and os.path.exists(report):
+            with open(summary, "a") as f, open(report) as md:
+                f.write(md.read())
 
 
 @nox.session
 def lint(session: nox.Session) -> None:
     """Lint with ruff."""
     session.install("-c", "constraints.txt", *nox.project.dependency_groups(PYPROJECT, "lint"))
-    session.run("ruff", "check", "qlora", "bench", "tests", "noxfile.py", *session.posargs)
+    session.run("ruff", "check", "qlora", "bench", "tests", "benchmarks", "noxfile.py", *session.posargs)

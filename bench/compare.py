@@ -3,7 +3,8 @@
 Prints Markdown (fit for a CI job summary). A run regresses when its peak or any category grows by more than
 `memory_threshold` of its baseline value (and by more than `floor_bytes`, so a few KiB on an empty category is not
 a regression), when its step time grows by more than `time_threshold`, or when it no longer finishes (ok -> oom or
-error). The CLI exits 3 when anything regressed.
+error). Step time is compared only between records from the same device; for an extrapolated record, at the
+deeper of the two depths it measured. The CLI exits 3 when anything regressed.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class Row:
     old: dict | None
     new: dict | None
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 def load(path: str | Path) -> dict[str, dict]:
@@ -53,10 +55,26 @@ def compare(baseline: dict[str, dict], new: dict[str, dict], *, memory_threshold
             if b - a > max(memory_threshold * a, floor_bytes):
                 row.problems.append(f"{c} +{(b - a) / MiB:,.1f} MiB ({(b - a) / a:+.1%})" if a else
                                     f"{c} +{(b - a) / MiB:,.1f} MiB (was 0)")
-        ta, tb = old.get("step_seconds"), cur.get("step_seconds")
+        if device(old) != device(cur):
+            row.notes.append(f"step time not compared: {device(old)} vs {device(cur)}")
+            continue
+        (ta, where), (tb, _) = timed(old), timed(cur)
         if ta and tb and tb > ta * (1 + time_threshold):
-            row.problems.append(f"step time {tb / ta - 1:+.0%}")
+            row.problems.append(f"step time{where} {tb / ta - 1:+.0%}")
     return rows
+
+
+def device(r: dict) -> str | None:
+    return ((r.get("env") or {}).get("device") or {}).get("name")
+
+
+def timed(r: dict) -> tuple[float | None, str]:
+    """The step time to compare, and where it was taken. An extrapolated record's full-depth time is a slope
+    through two noisy timings; the deeper of its measured depths is a timing in its own right, so that is used."""
+    if r["source"] == "extrapolated" and r.get("measured_at"):
+        deepest = r["measured_at"][-1]
+        return deepest.get("step_seconds"), f" (at {deepest['layers']} layers)"
+    return r.get("step_seconds"), ""
 
 
 def describe(config: dict) -> str:
@@ -78,7 +96,10 @@ def markdown(rows: list[Row], baseline: str, new: str) -> str:
         peaks = [x["bytes"]["peak"] if x["status"] == "ok" else None for x in (r.old, r.new)]
         peak = " → ".join("—" if p is None else f"{p / GiB:.3f}" for p in peaks)
         delta = f"{peaks[1] / peaks[0] - 1:+.2%}" if None not in peaks else ""
-        times = " → ".join("—" if x.get("step_seconds") is None else f"{x['step_seconds']:.3f}" for x in (r.old, r.new))
+        (ta, where), (tb, _) = timed(r.old), timed(r.new)
+        times = " → ".join("—" if t is None else f"{t:.3f}" for t in (ta, tb)) + where
         verdict = "**regressed**: " + "; ".join(r.problems) if r.problems else "ok"
+        if r.notes:
+            verdict += " (" + "; ".join(r.notes) + ")"
         lines.append(f"| {describe(r.config)} | {peak} | {delta} | {times} | {verdict} |")
     return "\n".join(lines) + "\n"

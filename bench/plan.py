@@ -2,47 +2,99 @@
 
     [[group]]
     model = ["llama-2-7b"]
-    method = ["lora", "qlora"]
+    method = ["full", "lora", "qlora"]
     seq_len = [512, 2048]
+    oom_fallback_layers = 2     # optional: a full-depth run that is oom is measured again at 2 layers, extrapolated
+
+    [[estimate]]                # optional: analytical estimates the report sets beside the runs (no run)
+    model = ["llama-2-7b"]
+    method = ["full", "lora", "qlora"]
+    seq_len = [512]
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import tomllib
 
 from qlora.config import ConfigError, RunConfig
 
+TABLES = ("group", "estimate")
+FALLBACK_KEY = "oom_fallback_layers"
 
-def load_plan(path: str | Path, device: str = "cpu") -> list[RunConfig]:
-    """The RunConfigs of a plan file (`device` unless a group sets one). Raises ConfigError naming the file and
+
+@dataclass(frozen=True)
+class PlannedRun:
+    config: RunConfig
+    fallback_layers: int | None = None  # measure again at this depth (extrapolated) when full depth is oom
+
+
+@dataclass(frozen=True)
+class Plan:
+    path: Path
+    runs: list[PlannedRun]
+    estimates: list[RunConfig]
+
+    @property
+    def configs(self) -> list[RunConfig]:
+        return [r.config for r in self.runs]
+
+
+def _matrix(path: Path, table: str, i: int, group: dict, device: str) -> list[RunConfig]:
+    where = f"{path}: {table} {i + 1}"
+    keys = sorted(group)
+    for k in keys:
+        if not isinstance(group[k], list) or not group[k]:
+            raise ConfigError(f"{where} key {k!r} must be a non-empty list")
+    configs = []
+    for values in itertools.product(*(group[k] for k in keys)):
+        try:
+            configs.append(RunConfig.from_dict({"device": device, **dict(zip(keys, values, strict=True))}))
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+    return configs
+
+
+def read_plan(path: str | Path, device: str = "cpu") -> Plan:
+    """A plan file's runs (`device` unless a group sets one) and estimates. Raises ConfigError naming the file and
     the bad key or value."""
     path = Path(path)
     try:
-        plan = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_text())
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         raise ConfigError(f"{path}: {e}") from None
-    unknown = sorted(set(plan) - {"group"})
+    unknown = sorted(set(raw) - set(TABLES))
     if unknown:
-        raise ConfigError(f"{path}: unknown top-level key(s) {', '.join(unknown)}; a plan holds [[group]] tables")
-    groups = plan.get("group")
-    if not groups:
+        raise ConfigError(f"{path}: unknown top-level key(s) {', '.join(unknown)}; a plan holds [[group]] "
+                          "and [[estimate]] tables")
+    for table in TABLES:
+        if table in raw and not (isinstance(raw[table], list) and all(isinstance(g, dict) for g in raw[table])):
+            raise ConfigError(f"{path}: {table!r} must be an array of tables ([[{table}]])")
+    if not raw.get("group"):
         raise ConfigError(f"{path}: no [[group]] tables")
-    configs = []
-    for i, group in enumerate(groups):
-        keys = sorted(group)
-        for k in keys:
-            if not isinstance(group[k], list) or not group[k]:
-                raise ConfigError(f"{path}: group {i + 1} key {k!r} must be a non-empty list")
-        for values in itertools.product(*(group[k] for k in keys)):
-            try:
-                configs.append(RunConfig.from_dict({"device": device, **dict(zip(keys, values, strict=True))}))
-            except ConfigError as e:
-                raise ConfigError(f"{path}: group {i + 1}: {e}") from None
-    return configs
+    runs = []
+    for i, group in enumerate(raw["group"]):
+        group = dict(group)
+        fallback = group.pop(FALLBACK_KEY, None)
+        if fallback is not None and (type(fallback) is not int or fallback < 2):
+            raise ConfigError(f"{path}: group {i + 1} key {FALLBACK_KEY!r} must be an integer >= 2 (two depths "
+                              f"are fitted), got {fallback!r}")
+        for cfg in _matrix(path, "group", i, group, device):
+            if fallback is not None and cfg.layers is not None:
+                raise ConfigError(f"{path}: group {i + 1} sets both 'layers' and {FALLBACK_KEY!r}; the fallback "
+                                  "applies to full-depth runs")
+            runs.append(PlannedRun(cfg, fallback))
+    estimates = [c for i, g in enumerate(raw.get("estimate", [])) for c in _matrix(path, "estimate", i, g, device)]
+    return Plan(path, runs, estimates)
+
+
+def load_plan(path: str | Path, device: str = "cpu") -> list[RunConfig]:
+    """The RunConfigs of a plan file's [[group]] tables (see read_plan)."""
+    return read_plan(path, device).configs
 
 
 def key(config: dict) -> str:

@@ -112,5 +112,16 @@ def append(path: str | Path, record: dict) -> None:
         os.close(lock)
 
 
+def write_atomic(path: str | Path, text: str) -> None:
+    """Replace a whole file at once: readers (and a run killed mid-write) see the old text or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, prefix=f".{path.name}.") as tmp:
+        tmp.write(text)
+        tmp.flush()
+        os.fsync(tmp.fileno())
+    os.replace(tmp.name, path)
+
+
 def read(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -61,16 +61,9 @@ def run(plan: str | Path, out: str | Path, measure_fn) -> list[dict]:
 
 
 def write(out: Path, rows: list[dict], estimates: list[dict]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".estimated.jsonl"
-    tmp.write_text("".join(json.dumps(e) + "\n" for e in estimates))
-    tmp.replace(out / "estimated.jsonl")
-    tmp = out / ".validation.json"
-    tmp.write_text(json.dumps({"tolerance": TOLERANCE, "rows": rows}, indent=1) + "\n")
-    tmp.replace(out / "validation.json")
-    tmp = out / ".README.md"
-    tmp.write_text(markdown(rows))
-    tmp.replace(out / "README.md")
+    record.write_atomic(out / "estimated.jsonl", "".join(json.dumps(e) + "\n" for e in estimates))
+    record.write_atomic(out / "validation.json", json.dumps({"tolerance": TOLERANCE, "rows": rows}, indent=1) + "\n")
+    record.write_atomic(out / "README.md", markdown(rows))
 
 
 def markdown(rows: list[dict]) -> str:

@@ -33,9 +33,11 @@ def test_five_percent_more_activations_fails_and_names_run_and_category(tmp_path
     extra = int(qlora["bytes"]["activations"] * 0.05)
     qlora["bytes"]["activations"] += extra
     qlora["bytes"]["peak"] += extra
-    code = main(["compare", write(tmp_path / "a.jsonl", baseline), write(tmp_path / "b.jsonl", grown)])
+    md = tmp_path / "summary.md"
+    code = main(["compare", write(tmp_path / "a.jsonl", baseline), write(tmp_path / "b.jsonl", grown),
+                 "--markdown", str(md)])
     out = capsys.readouterr().out
-    assert code == 3
+    assert code == 3 and md.read_text() == out
     line = next(line for line in out.splitlines() if "regressed**" in line)
     assert "llama-2-7b qlora 1x256" in line and "activations +" in line and "(+5.0%)" in line
     assert "1 of 3 runs regressed" in out
@@ -66,3 +68,18 @@ def test_unreadable_files_are_bad_input(tmp_path, capsys):
     bad.write_text("{not json\n")
     assert main(["compare", str(bad), str(bad)]) == 2
     assert "cannot read result records from" in capsys.readouterr().err
+
+
+def test_extrapolated_runs_compare_time_at_their_measured_depth_and_devices_must_match(tmp_path, capsys, baseline):
+    extrapolated = next(r for r in baseline if r["source"] == "extrapolated")
+    slow = copy.deepcopy(baseline)
+    moved = next(r for r in slow if r["id"] == extrapolated["id"])
+    moved["step_seconds"] *= 3  # the slope through two timings: not what is compared
+    assert main(["compare", write(tmp_path / "a.jsonl", baseline), write(tmp_path / "b.jsonl", slow)]) == 0
+    moved["measured_at"][-1]["step_seconds"] *= 1.2
+    assert main(["compare", str(tmp_path / "a.jsonl"), write(tmp_path / "b.jsonl", slow)]) == 3
+    assert f"step time (at {extrapolated['measured_at'][-1]['layers']} layers) +20%" in capsys.readouterr().out
+    for r in slow:
+        r["env"]["device"]["name"] = "Some Other CPU"
+    assert main(["compare", str(tmp_path / "a.jsonl"), write(tmp_path / "b.jsonl", slow)]) == 0
+    assert "step time not compared" in capsys.readouterr().out

@@ -1,0 +1,165 @@
+"""`qlora-bench bench`: the main job. Pick the plan from the hardware, sweep it, estimate what it asks to have
+estimated, and write a summary beside the results.
+
+    no GPU  -> bench/plans/cpu-quick.toml   (about 15 minutes on 2 cores)
+    CUDA    -> bench/plans/gpu-7b.toml      (about 30 minutes on an A100)
+
+Output goes to reports/bench/PLAN/DEVICE/ (results.jsonl, estimates.jsonl, summary.md). Running again resumes: runs
+already recorded for the same config and stack are not measured again (`--fresh` sets the old results aside).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from bench import record, sweep
+from bench.ledger import CATEGORIES
+from bench.plan import Plan, read_plan
+from qlora.config import ConfigError, RunConfig
+
+GiB = 2**30
+PLANS_DIR = Path(__file__).parent / "plans"
+SUMMARY_GPUS = ("rtx4090", "a100-40gb", "a100-80gb")  # the cards the folk answers are about
+
+
+def default_plan(device: str) -> Path:
+    return PLANS_DIR / ("gpu-7b.toml" if device.startswith("cuda") else "cpu-quick.toml")
+
+
+def resolve_plan(spec: str) -> Path:
+    """A plan file path, or the name of a committed plan (`gpu-7b`). Raises ConfigError naming the bad value."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    named = PLANS_DIR / f"{spec}.toml"
+    if "/" not in spec and named.is_file():
+        return named
+    known = ", ".join(sorted(p.stem for p in PLANS_DIR.glob("*.toml")))
+    raise ConfigError(f"plan {spec!r} is neither a file nor a committed plan ({known})")
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
+
+
+def default_out(plan: Path, device: str) -> Path:
+    from bench.probes import device_info
+
+    name = device_info(device)["name"] or device
+    return Path("reports") / "bench" / plan.stem / slug(name)
+
+
+def estimate_for(cfg: RunConfig) -> dict:
+    """The analytical estimate of cfg at full depth, with its fit on the summary's cards."""
+    from bench import gpus
+    from bench.estimate import estimate_bytes, read_arch
+
+    full = RunConfig.from_dict({**cfg.to_dict(), "layers": None})
+    arch = read_arch(full)
+    est = estimate_bytes(full, arch)
+    fit = {g: gpus.headroom(gpus.CATALOG[g], est["bytes"]["peak"]) for g in SUMMARY_GPUS}
+    return record.make(full.to_dict(), source="estimated", status="ok", bytes_=est["bytes"],
+                       peak_at={"phase": est["phase"]}, layers=arch.layers, headroom_bytes=fit)
+
+
+def latest(records: list[dict]) -> list[dict]:
+    """The last record of each run (config, stack, budget), in the order runs first appeared."""
+    by_key = {}
+    for r in records:
+        by_key[sweep.record_key(r)] = r
+    return list(by_key.values())
+
+
+def run(plan_path: Path, out: Path, *, device: str, budget_gib: float | None = None, timeout_s: float | None = None,
+        fresh: bool = False, log=print) -> str:
+    """Sweep the plan into OUT/results.jsonl, write OUT/estimates.jsonl and OUT/summary.md; return the summary."""
+    plan = read_plan(plan_path, device)
+    results = out / "results.jsonl"
+    if fresh and results.exists():
+        kept = results.with_name(f"results-{record.now().replace(':', '')}.jsonl")
+        results.rename(kept)
+        log(f"--fresh: earlier results moved to {kept}")
+    sweep.run(plan_path, out, device=device, budget_gib=budget_gib, timeout_s=timeout_s, log=log)
+    estimates = [estimate_for(c) for c in plan.estimates]
+    record.write_atomic(out / "estimates.jsonl", "".join(json.dumps(e, allow_nan=False) + "\n" for e in estimates))
+    text = summary(plan, latest(record.read(results)), estimates)
+    record.write_atomic(out / "summary.md", text)
+    return text
+
+
+def _gib(n) -> str:
+    return "—" if n is None else f"{n / GiB:.3f}"
+
+
+def _shape(c: dict) -> str:
+    return f"{c['batch_size']} x {c['seq_len']}"
+
+
+def _source(r: dict) -> str:
+    if r["source"] == "extrapolated" and r.get("measured_at"):
+        depths = " and ".join(str(m["layers"]) for m in r["measured_at"])
+        return f"extrapolated from {depths} layers"
+    return r["source"]
+
+
+def summary(plan: Plan, runs: list[dict], estimates: list[dict]) -> str:
+    """A Markdown summary: every run's categories at its peak, with the estimate beside it, then the estimates."""
+    envs = [r["env"] for r in runs if r.get("env")]
+    lines = [f"# qlora-bench: `{plan.path.name}`", ""]
+    if envs:
+        env = envs[-1]
+        pk = env["packages"]
+        commits = sorted({(e.get("git_commit") or "unknown")[:10] + (" (dirty)" if e.get("git_dirty") else "")
+                          for e in envs})
+        lines += [f"Device: {env['device']['name']} ({env['device']['type']}). Stack: torch {pk['torch']}, "
+                  f"transformers {pk['transformers']}, peft {pk['peft']}, bitsandbytes {pk['bitsandbytes']}. "
+                  f"Commit: {', '.join(commits)}.", ""]
+    counts = {s: sum(r["status"] == s for r in runs) for s in record.STATUSES}
+    lines += [f"{len(runs)} runs: {counts['ok']} ok, {counts['oom']} oom, {counts['error']} error. Bytes in GiB "
+              "at each run's peak (live tensors, from the ledger); *measured* at full depth, *extrapolated* to full "
+              "depth from two reduced depths, *estimated* by the analytical model with no run.", ""]
+    lines += ["## Runs", "",
+              "| model | method | batch x seq | ckpt | source | status | peak | " + " | ".join(CATEGORIES)
+              + " | peak in | estimate (Δ) | step s | tokens/s |",
+              "|---|---|---|---|---|---|---|" + "---|" * len(CATEGORIES) + "---|---|---|---|"]
+    for r in runs:
+        lines.append(_run_row(r))
+    if estimates:
+        lines += ["", "## Estimates (no run)", "",
+                  "Headroom: card total less the estimated peak, 5% allocator reserve and 0.5 GiB CUDA context "
+                  "(negative: does not fit).", "",
+                  "| model | method | batch x seq | ckpt | peak | " + " | ".join(CATEGORIES) + " | peak in | "
+                  + " | ".join(f"{g} headroom" for g in SUMMARY_GPUS) + " |",
+                  "|---|---|---|---|---|" + "---|" * len(CATEGORIES) + "---|" + "---|" * len(SUMMARY_GPUS)]
+        for e in estimates:
+            c, b = e["config"], e["bytes"]
+            room = " | ".join(f"{e['headroom_bytes'][g] / GiB:+.2f}" for g in SUMMARY_GPUS)
+            lines.append(f"| {c['model']} | {c['method']} | {_shape(c)} | {'on' if c['grad_checkpointing'] else 'off'}"
+                         f" | {_gib(b['peak'])} | " + " | ".join(_gib(b[k]) for k in CATEGORIES)
+                         + f" | {e['peak_at']['phase']} | {room} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _run_row(r: dict) -> str:
+    c = r["config"]
+    head = f"| {c['model']} | {c['method']} | {_shape(c)} | {'on' if c['grad_checkpointing'] else 'off'} | "
+    head += f"{_source(r)} | {r['status']} | "
+    if r["status"] != "ok":
+        reached = f"over {_gib(r['oom_bytes'])}" if r.get("oom_bytes") else "—"
+        budget = f" (budget {_gib(r['budget_bytes'])})" if r.get("budget_bytes") else ""
+        message = (r["error"] or "").replace("|", "/")
+        return head + f"{reached}{budget} | " + " | ".join("" for _ in CATEGORIES) + f" | {message} | | | |"
+    b = r["bytes"]
+    try:
+        est = estimate_for(RunConfig.from_dict(c))["bytes"]["peak"]
+        versus = f"{_gib(est)} ({est / b['peak'] - 1:+.1%})"
+    except (ConfigError, ValueError):
+        versus = "—"
+    step = "—" if r["step_seconds"] is None else f"{r['step_seconds']:.3f}"
+    tps = r["tokens_per_second"]
+    tps = "—" if tps is None else f"{tps:,.0f}" if tps >= 100 else f"{tps:.2f}"
+    return (head + f"{_gib(b['peak'])} | " + " | ".join(_gib(b[k]) for k in CATEGORIES)
+            + f" | {r['peak_at']['phase']} | {versus} | {step} | {tps} |")
