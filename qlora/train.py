@@ -20,15 +20,16 @@ class Step:
     tokens: int
 
 
-def train_step(model: nn.Module, optimizer, batch: torch.Tensor, on_phase=None) -> float:
-    """One optimisation step on a batch of token ids (labels = inputs, shifted inside the model). Returns the loss.
+def train_step(model: nn.Module, optimizer, batch, on_phase=None) -> float:
+    """One optimisation step. `batch` is a tensor of token ids (labels = inputs, shifted inside the model) or a dict
+    of model inputs with its own `labels` (padding and prompts masked with -100). Returns the loss.
 
     `on_phase(name)`, if given, is called as the step enters "forward", "backward", "optimizer", "zero_grad" and
     at its "end": the memory ledger uses it to place the peak and to see gradients and optimizer state.
     """
     phase = on_phase or (lambda name: None)
     phase("forward")
-    out = model(input_ids=batch, labels=batch)
+    out = model(**batch) if isinstance(batch, dict) else model(input_ids=batch, labels=batch)
     loss = out.loss
     del out  # drop the logits before backward, or they stay live through the whole step
     phase("backward")

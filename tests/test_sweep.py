@@ -74,6 +74,8 @@ def test_run_over_budget_is_oom_and_the_sweep_goes_on(tmp_path, capsys):
         ('[[group]]\nmodel = ["tiny-llama"]\n[[estimate]]\nmodel = ["tiny-llama"]\nseq = [8]\n',
          "estimate 1: unknown config key(s): seq"),
         ('runs = 3\n[[group]]\nmodel = ["tiny-llama"]\n', "unknown top-level key(s) runs"),
+        ('[[group]]\nmodel = ["tiny-llama"]\n[[quality]]\nmodel = "smollm2-135m-instruct"\ntask = "x"\nstep = 3\n',
+         "quality 1: unknown key(s) step"),
     ],
 )
 def test_bad_plans_exit_2_naming_file_and_key(tmp_path, capsys, text, named):

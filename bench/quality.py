@@ -1,0 +1,530 @@
+"""`qlora-bench quality`: fine-tune each method from the same base on the same examples with the same token budget,
+then evaluate the base, the 4-bit base and every tuned model on the same held-out examples.
+
+Budget: every method of a seed sees the same examples in the same order (the order depends on the seed only), in
+the same number of steps of the same batch size, so the same tokens. Methods differ in what they train and in their
+learning rate (defaults: Full FT 2e-5, LoRA and QLoRA 2e-4, as in the QLoRA paper's small-model runs).
+
+Metrics, per held-out example (so they can be resampled): summed negative log-likelihood of the target tokens and
+their count (held-out loss, perplexity = exp(loss)); for choice tasks also whether the highest-likelihood choice is
+the answer (accuracy). Quality score: accuracy for choice tasks, exp(-loss) (the geometric-mean probability per
+target token, 1/perplexity) otherwise. Relative quality = score(method) / score(Full FT), with a percentile
+bootstrap interval that resamples seeds and held-out examples together (paired: one resample for every method).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from qlora.config import RunConfig
+from qlora.tasks import Example, Task
+
+IGNORE = -100
+BOOTSTRAP_SAMPLES = 4000
+LEVEL = 0.95
+SETTINGS = {
+    # quick: all three methods on one task in well under 15 minutes on 2 CPU cores (nox -s bench runs it).
+    "quick": {"steps": 40, "seeds": 1, "eval_examples": 200, "batch_size": 8, "seq_len": 128},
+    # long: the committed reference runs (about an hour for sentiment on 2 CPU cores).
+    "long": {"steps": 100, "seeds": 3, "eval_examples": 1000, "batch_size": 8, "seq_len": 128},
+    # gpu: the longer setting for a GPU (minutes for SmolLM2-135M): more steps, every held-out example up to 2000.
+    "gpu": {"steps": 500, "seeds": 3, "eval_examples": 2000, "batch_size": 16, "seq_len": 256},
+}
+Q4_1_CAVEAT = ("the packaged SmolLM2-135M-Instruct went through GGUF Q4_1 before it was converted: its "
+               "'full precision' weights are dequantised 4-bit weights, so QLoRA's NF4 is a second quantisation "
+               "and costs more here than on genuine 16-bit weights; compare base and 4-bit base")
+
+
+# ---- tokenising and batching ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Encoded:
+    ids: list[int]
+    labels: list[int]  # IGNORE where no loss is taken
+
+    @property
+    def target_tokens(self) -> int:
+        return sum(lab != IGNORE for lab in self.labels)
+
+
+def encode(tokenizer, prompt: str, target: str, seq_len: int, eos: int | None) -> Encoded:
+    """prompt + target as ids, with labels on the target only (and on the end-of-sequence token, if given). Too long:
+    the prompt loses its start first (the end of a prompt is what the target follows), then the target its end."""
+    from qlora.data import encode as enc
+
+    p = enc(tokenizer, prompt) if prompt else []
+    t = enc(tokenizer, target) + ([eos] if eos is not None else [])
+    t = t[:seq_len]
+    p = p[len(p) - (seq_len - len(t)):] if len(p) + len(t) > seq_len else p
+    return Encoded(p + t, [IGNORE] * len(p) + t)
+
+
+def training_pairs(tokenizer, examples: list[Example], seq_len: int, eos: int | None) -> list[Encoded]:
+    # Text examples are plain language-model text: no end-of-sequence token after a chunk of a play.
+    return [encode(tokenizer, e.prompt, e.target, seq_len, eos if e.kind != "text" else None) for e in examples]
+
+
+def collate(items: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch: input_ids, attention_mask, labels (IGNORE on padding)."""
+    width = max(len(x.ids) for x in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    for i, x in enumerate(items):
+        n = len(x.ids)
+        ids[i, :n] = torch.tensor(x.ids)
+        labels[i, :n] = torch.tensor(x.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def schedule(n_examples: int, steps: int, batch_size: int, seed: int) -> list[list[int]]:
+    """Which training examples each step sees: seeded epochs of a permutation, the same for every method."""
+    g = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    while len(order) < steps * batch_size:
+        order += torch.randperm(n_examples, generator=g).tolist()
+    return [order[i * batch_size:(i + 1) * batch_size] for i in range(steps)]
+
+
+# ---- scoring ---------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def token_nll(model, items: list[Encoded], pad_id: int, batch_size: int) -> list[list[float]]:
+    """Per item: the negative log-likelihood of each labelled token, in order. Position t's logits predict token
+    t+1, so right padding (masked, and after every real token) cannot change a real token's score."""
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(items), batch_size):
+        batch = {k: v.to(device) for k, v in collate(items[i:i + batch_size], pad_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        targets = batch["labels"][:, 1:]
+        nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")
+        keep = targets != IGNORE
+        out += [row[m].tolist() for row, m in zip(nll, keep, strict=True)]
+    return out
+
+
+def target_nll(model, items: list[Encoded], pad_id: int, batch_size: int) -> list[tuple[float, int]]:
+    """Per item: summed negative log-likelihood of its labelled tokens and their count."""
+    return [(sum(t), len(t)) for t in token_nll(model, items, pad_id, batch_size)]
+
+
+def score(model, tokenizer, examples: list[Example], seq_len: int, eos: int | None, pad_id: int,
+          batch_size: int = 16) -> dict[str, list]:
+    """Per held-out example: `nll` and `tokens` of its target as trained (with the end-of-sequence token, except
+    for plain text); for choice tasks `correct`, whether the choice with the highest log-likelihood (summed over
+    its own tokens, given the prompt) is the answer. One forward pass per choice gives both."""
+    from qlora.data import encode as enc
+
+    was_training = model.training
+    model.eval()
+    try:
+        if not examples or examples[0].kind != "choice":
+            pairs = target_nll(model, training_pairs(tokenizer, examples, seq_len, eos), pad_id, batch_size)
+            return {"nll": [p[0] for p in pairs], "tokens": [p[1] for p in pairs]}
+        flat = [(e, c) for e in examples for c in e.choices]
+        per_token = token_nll(model, [encode(tokenizer, e.prompt, c, seq_len, eos) for e, c in flat], pad_id,
+                              batch_size)
+        out, k = {"nll": [], "tokens": [], "correct": []}, 0
+        for e in examples:
+            rows = per_token[k:k + len(e.choices)]
+            lengths = [len(enc(tokenizer, c)) for c in e.choices]
+            ll = [-sum(r[:n]) for r, n in zip(rows, lengths, strict=True)]  # the choice's own tokens, no eos
+            k += len(e.choices)
+            out["correct"].append(int(max(range(len(ll)), key=ll.__getitem__) == e.answer))
+            out["nll"].append(sum(rows[e.answer]))
+            out["tokens"].append(len(rows[e.answer]))
+        return out
+    finally:
+        model.train(was_training)
+
+
+def summarise(scores: dict[str, list], metric: str) -> dict:
+    loss = sum(scores["nll"]) / sum(scores["tokens"])
+    out = {"loss": loss, "perplexity": math.exp(loss)}
+    if metric == "accuracy":
+        out["accuracy"] = sum(scores["correct"]) / len(scores["correct"])
+    out["value"] = out["accuracy"] if metric == "accuracy" else out["perplexity"]
+    return out
+
+
+# ---- the bootstrap ---------------------------------------------------------------------------------------------
+
+
+def quality_score(scores: list[dict], metric: str, seed_w: np.ndarray, ex_w: np.ndarray) -> np.ndarray:
+    """Score (accuracy, or exp(-loss)) under resampling weights: seed_w (B, K) counts over seeds, ex_w (B, N) counts
+    over examples. scores: one dict per seed, each with per-example lists."""
+    if metric == "accuracy":
+        c = np.array([s["correct"] for s in scores], dtype=float)  # (K, N)
+        return np.einsum("bk,kn,bn->b", seed_w, c, ex_w) / (seed_w.sum(1) * ex_w.sum(1))
+    nll = np.array([s["nll"] for s in scores], dtype=float)
+    tok = np.array([s["tokens"] for s in scores], dtype=float)
+    return np.exp(-np.einsum("bk,kn,bn->b", seed_w, nll, ex_w) / np.einsum("bk,kn,bn->b", seed_w, tok, ex_w))
+
+
+def bootstrap(method_scores: dict[str, list[dict]], metric: str, reference: str = "full",
+              samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> dict[str, dict]:
+    """Relative quality (score / the reference's) and the difference from the reference for every entry, with
+    percentile intervals from one paired resampling of seeds and held-out examples. Entries with fewer seeds (the
+    bases, evaluated once) resample examples only."""
+    rng = np.random.default_rng(seed)
+    n = len(method_scores[reference][0]["nll"])
+    ex_w = rng.multinomial(n, np.full(n, 1 / n), size=samples).astype(float)
+    seed_ws = {}
+    for k in sorted({len(v) for v in method_scores.values()}):
+        seed_ws[k] = rng.multinomial(k, np.full(k, 1 / k), size=samples).astype(float)
+    ones = {k: np.ones((1, k)) for k in seed_ws}
+    ref = quality_score(method_scores[reference], metric, seed_ws[len(method_scores[reference])], ex_w)
+    ref_point = quality_score(method_scores[reference], metric, ones[len(method_scores[reference])], np.ones((1, n)))[0]
+    lo, hi = (1 - LEVEL) / 2 * 100, (1 + LEVEL) / 2 * 100
+    out = {}
+    for name, scores in method_scores.items():
+        k = len(scores)
+        boot = quality_score(scores, metric, seed_ws[k], ex_w)
+        point = quality_score(scores, metric, ones[k], np.ones((1, n)))[0]
+        rel, diff = boot / ref, boot - ref
+        scale = 100 if metric == "accuracy" else 1  # accuracy differences in points
+        out[name] = {
+            "score": float(point),
+            "relative": {"value": float(point / ref_point), "ci_low": float(np.percentile(rel, lo)),
+                         "ci_high": float(np.percentile(rel, hi)), "level": LEVEL},
+            "difference": {"value": float((point - ref_point) * scale),
+                           "ci_low": float(np.percentile(diff, lo) * scale),
+                           "ci_high": float(np.percentile(diff, hi) * scale), "level": LEVEL,
+                           "unit": "accuracy points" if metric == "accuracy" else "score (exp(-loss))"},
+        }
+    return out
+
+
+# ---- the runs --------------------------------------------------------------------------------------------------
+
+
+def train_and_score(cfg: RunConfig, task: Task, eval_examples: list[Example], *, measure_memory: bool = True,
+                    with_base: bool = False, log=print) -> dict:
+    """Build cfg, (optionally score the untrained model), train cfg.steps steps of the task, score. Returns the
+    per-example scores, timings and (measure_memory) the ledger's categories of the second step."""
+    from bench.measure import ledgered_step
+    from qlora.build import build, count_trainable
+    from qlora.optim import make_optimizer
+    from qlora.train import sync, train_step
+
+    built = build(cfg)
+    model, tok = built.model, built.tokenizer
+    if tok is None:
+        raise ValueError(f"model {cfg.model} has no tokenizer: quality runs need a pretrained model")
+    eos = tok.eos_token_id
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+    device = next(model.parameters()).device
+    result = {"config": cfg.to_dict(), "trainable_parameters": count_trainable(model)}
+    if with_base:
+        t0 = time.perf_counter()
+        result["base"] = score(model, tok, eval_examples, cfg.seq_len, eos, pad)
+        log(f"  {cfg.method} base scored in {time.perf_counter() - t0:.0f} s")
+    pairs = training_pairs(tok, task.train, cfg.seq_len, eos)
+    steps = schedule(len(pairs), cfg.steps, cfg.batch_size, cfg.seed)
+    optimizer = make_optimizer(cfg, model)
+    model.train()
+    losses, times, tokens, targets = [], [], 0, 0
+    started = time.perf_counter()
+    for i, idx in enumerate(steps):
+        batch = {k: v.to(device) for k, v in collate([pairs[j] for j in idx], pad).items()}
+        tokens += int(batch["attention_mask"].sum())
+        targets += int((batch["labels"] != IGNORE).sum())
+        if i == 1 and measure_memory:  # the second step: optimizer state exists, as in `measure`
+            ledger = ledgered_step(model, optimizer, batch, device)
+            result["bytes"], result["peak_at"] = ledger.categories(), ledger.peak_at
+            continue
+        sync(device)
+        t0 = time.perf_counter()
+        losses.append(train_step(model, optimizer, batch))
+        sync(device)
+        times.append(time.perf_counter() - t0)
+        if (i + 1) % max(1, len(steps) // 4) == 0:
+            log(f"  {cfg.method} seed {cfg.seed}: step {i + 1}/{len(steps)} loss {losses[-1]:.3f} "
+                f"({time.perf_counter() - started:.0f} s)")
+    t0 = time.perf_counter()
+    result["tuned"] = score(model, tok, eval_examples, cfg.seq_len, eos, pad)
+    result.update(train_losses=losses, step_seconds=statistics.median(times), tokens=tokens, target_tokens=targets,
+                  schedule_digest=_digest(steps), train_seconds=time.perf_counter() - started,
+                  score_seconds=time.perf_counter() - t0)
+    return result
+
+
+def _digest(steps: list[list[int]]) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(steps).encode()).hexdigest()[:16]
+
+
+def eval_digest(examples: list[Example]) -> str:
+    import hashlib
+
+    return hashlib.sha256(repr(examples).encode("utf-8")).hexdigest()[:16]
+
+
+def run(cfgs: list[RunConfig], task: Task, eval_examples: int, seeds: int, out: Path | None = None,
+        log=print) -> list[dict]:
+    """Every (seed, method) of cfgs fine-tuned and scored, then one result record per method with `quality`.
+
+    cfgs: one RunConfig per method (seed 0; seeds 1..K-1 are the same with another seed). Per-run scores are
+    appended to OUT/quality-runs.jsonl as each finishes, and runs found there (same task, held-out examples and
+    config) are not run again, so an interrupted run resumes. The unquantised base is scored by the first of the
+    full/lora builds of seed 0, the 4-bit base by the qlora build (LoRA's B starts at zero: the untrained model
+    is the base).
+    """
+    from bench import record
+
+    held = task.heldout[:eval_examples]
+    digest = eval_digest(held)
+    runs_file = out / "quality-runs.jsonl" if out is not None else None
+    done = {}
+    if runs_file is not None and runs_file.exists():
+        for r in record.read(runs_file):
+            done[(r["task"], r["heldout_digest"], json.dumps(r["config"], sort_keys=True))] = r
+    base_by = next((c.method for c in cfgs if c.method in ("full", "lora")), None)
+    results: dict[str, list[dict]] = {c.method: [] for c in cfgs}
+    for seed in range(seeds):
+        for c in cfgs:
+            cfg = replace(c, seed=c.seed + seed)
+            k = (task.name, digest, json.dumps(cfg.to_dict(), sort_keys=True))
+            if k in done:
+                log(f"{task.name} {cfg.method} seed {cfg.seed}: already scored")
+                r = done[k]
+            else:
+                log(f"{task.name} {cfg.method} seed {cfg.seed}: {cfg.steps} steps of {cfg.batch_size}, then "
+                    f"{len(held)} held-out examples")
+                with_base = seed == 0 and cfg.method in (base_by, "qlora")
+                r = train_and_score(cfg, task, held, with_base=with_base, log=log)
+                r.update(task=task.name, heldout_digest=digest)
+                if runs_file is not None:
+                    record.append(runs_file, r)
+            results[cfg.method].append(r)
+    return records(cfgs, task, held, results)
+
+
+def records(cfgs: list[RunConfig], task: Task, held: list[Example], results: dict[str, list[dict]]) -> list[dict]:
+    from bench import record
+
+    scores = {m: [r["tuned"] for r in rs] for m, rs in results.items()}
+    bases = {}
+    for m, rs in results.items():
+        if "base" in rs[0]:
+            bases["base_4bit" if m == "qlora" else "base"] = [rs[0]["base"]]
+    has_reference = "full" in scores
+    boot = bootstrap({**scores, **bases}, task.metric) if has_reference else {}
+    n_seeds = len(next(iter(results.values())))
+    baseline = {name: {**summarise(s[0], task.metric), **_relative(boot.get(name))} for name, s in bases.items()}
+    out = []
+    for cfg in cfgs:
+        rs = results[cfg.method]
+        per_seed = [summarise(r["tuned"], task.metric) for r in rs]
+        pooled = summarise(_pool([r["tuned"] for r in rs]), task.metric)
+        quality = {
+            "task": task.name, "source": task.source, "metric": task.metric, "value": pooled["value"],
+            "loss": pooled["loss"], "perplexity": pooled["perplexity"], **({"accuracy": pooled["accuracy"]}
+                                                                            if "accuracy" in pooled else {}),
+            "per_seed": per_seed, "seeds": [r["config"]["seed"] for r in rs], "eval_examples": len(held),
+            "heldout_digest": rs[0]["heldout_digest"] if "heldout_digest" in rs[0] else eval_digest(held),
+            **_relative(boot.get(cfg.method)),
+            "train": {"steps": cfg.steps, "batch_size": cfg.batch_size, "examples": cfg.steps * cfg.batch_size,
+                      "tokens": rs[0]["tokens"], "target_tokens": rs[0]["target_tokens"],
+                      "schedule_digest": rs[0]["schedule_digest"], "lr": cfg.lr,
+                      "first_loss": rs[0]["train_losses"][0], "last_loss": rs[0]["train_losses"][-1]},
+            **baseline,
+        }
+        if cfg.model == "smollm2-135m-instruct":
+            quality["caveat"] = Q4_1_CAVEAT
+        step = statistics.median(r["step_seconds"] for r in rs)
+        tokens_per_step = rs[0]["tokens"] / cfg.steps
+        out.append(record.make(cfg.to_dict(), source="measured", status="ok", bytes_=rs[0].get("bytes"),
+                               step_seconds=step, tokens_per_second=tokens_per_step / step, quality=quality,
+                               env=record.environment(cfg.device), peak_at=rs[0].get("peak_at"),
+                               trainable_parameters=rs[0]["trainable_parameters"], n_seeds=n_seeds))
+    return out
+
+
+def _pool(scores: list[dict]) -> dict:
+    return {k: [x for s in scores for x in s[k]] for k in scores[0]}
+
+
+def _relative(b: dict | None) -> dict:
+    if b is None:
+        return {"relative": None, "difference": None}
+    return {"relative": b["relative"], "difference": b["difference"]}
+
+
+def record_key(r: dict) -> str:
+    return json.dumps([r["quality"]["task"], r["quality"]["heldout_digest"], r["config"]], sort_keys=True)
+
+
+def save(out: Path, new: list[dict]) -> None:
+    """OUT/results.jsonl holds the latest record of every (task, held-out set, config); rewritten atomically."""
+    from bench import record
+
+    path = out / "results.jsonl"
+    old = record.read(path) if path.exists() else []
+    keys = {record_key(r) for r in new}
+    kept = [r for r in old if record_key(r) not in keys] + new
+    record.write_atomic(path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in kept))
+    record.write_atomic(out / "summary.md", markdown(kept))
+
+
+def _interval(x: dict | None, fmt: str) -> str:
+    if x is None:
+        return "—"
+    return f"{x['value']:{fmt}} [{x['ci_low']:{fmt}}, {x['ci_high']:{fmt}}]"
+
+
+def markdown(records: list[dict]) -> str:
+    """Per task: the bases and every method's held-out metric, relative quality to Full FT with its 95% interval."""
+    lines = ["# qlora-bench quality", "",
+             "Relative quality = score / Full FT's score, where the score is accuracy (choice tasks) or exp(-loss) "
+             "on the held-out targets (1/perplexity); intervals: 95% percentile bootstrap over seeds and held-out "
+             "examples together. *Difference*: method minus Full FT (accuracy points, or score).", ""]
+    tasks_seen = []
+    for r in records:
+        t = (r["quality"]["task"], r["quality"]["heldout_digest"])
+        if t not in tasks_seen:
+            tasks_seen.append(t)
+    for task, digest in tasks_seen:
+        rs = [r for r in records if (r["quality"]["task"], r["quality"]["heldout_digest"]) == (task, digest)]
+        q0, c0 = rs[0]["quality"], rs[0]["config"]
+        acc = q0["metric"] == "accuracy"
+        lines += [f"## {task} ({q0['source']})", "",
+                  f"{c0['model']}; {q0['eval_examples']} held-out examples; seeds {q0['seeds']}; "
+                  f"{q0['train']['steps']} steps of {q0['train']['batch_size']} examples "
+                  f"({q0['train']['tokens']:,} tokens per method and seed) at seq_len ≤ {c0['seq_len']}; "
+                  f"precision {c0['precision']}; LoRA r={c0['lora_r']} on {len(c0['lora_targets'])} projections.",
+                  ""]
+        if q0.get("caveat"):
+            lines += [f"Caveat: {q0['caveat']}.", ""]
+        head = "| model | lr | " + ("accuracy | " if acc else "") + "loss | perplexity | relative quality [95% CI] | " \
+               "difference [95% CI] | peak GiB | step s |"
+        lines += [head, "|---|---|" + ("---|" if acc else "") + "---|---|---|---|---|---|"]
+        for name, label in (("base", "base (untrained)"), ("base_4bit", "4-bit base (untrained, NF4)")):
+            b = q0.get(name)
+            if b:
+                lines.append(f"| {label} | — | " + (f"{b['accuracy']:.3f} | " if acc else "") +
+                             f"{b['loss']:.4f} | {b['perplexity']:.3f} | {_interval(b['relative'], '.3f')} | "
+                             f"{_interval(b['difference'], '+.2f' if acc else '+.4f')} | | |")
+        for r in rs:
+            q, c = r["quality"], r["config"]
+            peak = "—" if not r.get("bytes") else f"{r['bytes']['peak'] / 2**30:.3f}"
+            lines.append(f"| {c['method']} | {q['train']['lr']:g} | " + (f"{q['accuracy']:.3f} | " if acc else "") +
+                         f"{q['loss']:.4f} | {q['perplexity']:.3f} | {_interval(q['relative'], '.3f')} | "
+                         f"{_interval(q['difference'], '+.2f' if acc else '+.4f')} | {peak} | "
+                         f"{r['step_seconds']:.3f} |")
+        if acc:
+            lines += ["", _resolution(rs)]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _resolution(rs: list[dict]) -> str:
+    """Whether the intervals can separate a 2-point difference from Full FT."""
+    widths = {r["config"]["method"]: (r["quality"]["difference"]["ci_high"] - r["quality"]["difference"]["ci_low"]) / 2
+              for r in rs if r["quality"].get("difference") and r["config"]["method"] != "full"}
+    if not widths:
+        return "No Full FT run: no relative quality."
+    parts = [f"{m} ±{w:.1f} points" for m, w in widths.items()]
+    can = all(w < 2 for w in widths.values())
+    return (f"Interval half-widths of the difference from Full FT: {', '.join(parts)}: "
+            + ("these runs can separate a 2-point difference." if can else
+               "these runs cannot separate a 2-point difference; more seeds or held-out examples would."))
+
+
+# ---- what to run: from the CLI or a plan's [[quality]] table -----------------------------------------------
+
+SPEC_KEYS = ("model", "methods", "task", "data", "eval_data", "setting", "steps", "seeds", "eval_examples",
+             "batch_size", "seq_len", "lr", "precision", "lora_r", "seed")
+METHODS = ("full", "lora", "qlora")
+
+
+@dataclass(frozen=True)
+class QualityPlan:
+    configs: list[RunConfig]
+    task: Task
+    eval_examples: int
+    seeds: int
+
+
+def parse_lr(value, methods: list[str]) -> dict[str, float]:
+    """One learning rate for every method, or per method ("full=2e-5,lora=2e-4" or a table); the documented
+    defaults (qlora.config.default_lr) for the rest."""
+    from qlora.config import ConfigError, default_lr
+
+    out = {m: default_lr(m) for m in methods}
+    if value is None:
+        return out
+    try:
+        if isinstance(value, (int, float)) or (isinstance(value, str) and "=" not in value):
+            out = dict.fromkeys(methods, float(value))
+        else:
+            pairs = value.items() if isinstance(value, dict) else (p.partition("=")[::2] for p in value.split(","))
+            for m, v in pairs:
+                if m.strip() not in METHODS:
+                    raise ValueError(f"unknown method {m.strip()!r}")
+                out[m.strip()] = float(v)
+    except (ValueError, TypeError, AttributeError) as e:
+        hint = "give a number or method=number pairs, e.g. full=2e-5,lora=2e-4"
+        raise ConfigError(f"--lr {value!r}: {hint} ({e})") from None
+    if not all(v > 0 for v in out.values()):
+        raise ConfigError(f"--lr {value!r}: learning rates must be > 0")
+    return out
+
+
+def prepare(spec: dict, device: str) -> QualityPlan:
+    """Check a quality spec (CLI options or a plan's [[quality]] table) before anything runs. Raises ConfigError
+    naming the bad value."""
+    from qlora import models, tasks
+    from qlora.config import ConfigError
+
+    unknown = sorted(set(spec) - set(SPEC_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown quality key(s): {', '.join(unknown)}")
+    if "model" not in spec:
+        raise ConfigError("a quality run needs a model")
+    methods = spec.get("methods", "full,lora,qlora")
+    methods = [m.strip() for m in (methods.split(",") if isinstance(methods, str) else methods) if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods or len(set(methods)) != len(methods):
+        raise ConfigError(f"methods {spec.get('methods')!r}: a list of distinct full, lora, qlora"
+                          + (f" (unknown: {bad[0]!r})" if bad else ""))
+    setting = SETTINGS.get(spec.get("setting", "quick"))
+    if setting is None:
+        raise ConfigError(f"setting {spec['setting']!r}: one of {', '.join(SETTINGS)}")
+    opts = {k: spec.get(k, v) for k, v in setting.items()}
+    for k, least in (("steps", 2), ("seeds", 1), ("eval_examples", 1), ("batch_size", 1), ("seq_len", 8)):
+        if type(opts[k]) is not int or opts[k] < least:
+            raise ConfigError(f"--{k.replace('_', '-')} must be an integer >= {least}, got {opts[k]!r}")
+    lrs = parse_lr(spec.get("lr"), methods)
+    source = models.resolve(spec["model"])
+    if source.kind not in ("pretrained", "weights-dir"):
+        raise ConfigError(f"model {spec['model']!r} has random weights; quality runs need a pretrained model with a "
+                          "tokenizer (smollm2-135m-instruct, or a directory of safetensors)")
+    if spec.get("task") and spec.get("data"):
+        raise ConfigError("give --task or --data, not both")
+    if spec.get("eval_data") and not spec.get("data"):
+        raise ConfigError("--eval-data goes with --data")
+    if spec.get("data"):
+        task = tasks.user_task(spec["data"], spec.get("eval_data"))
+    else:
+        task = tasks.load_task(spec.get("task") or "sentiment")
+    r = spec.get("lora_r", RunConfig().lora_r)
+    cfgs = [RunConfig(model=spec["model"], method=m, lr=lrs[m], precision=spec.get("precision", "mixed"),
+                      lora_r=r, lora_alpha=2 * r if isinstance(r, int) else r, batch_size=opts["batch_size"],
+                      seq_len=opts["seq_len"], steps=opts["steps"], seed=spec.get("seed", 0), device=device)
+            for m in methods]
+    return QualityPlan(cfgs, task, opts["eval_examples"], opts["seeds"])
