@@ -215,6 +215,7 @@ def train_and_score(cfg: RunConfig, task: Task, eval_examples: list[Example], *,
                     with_base: bool = False, log=print) -> dict:
     """Build cfg, (optionally score the untrained model), train cfg.steps steps of the task, score. Returns the
     per-example scores, timings and (measure_memory) the ledger's categories of the second step."""
+    from bench import record
     from bench.measure import ledgered_step
     from qlora.build import build, count_trainable
     from qlora.optim import make_optimizer
@@ -227,7 +228,9 @@ def train_and_score(cfg: RunConfig, task: Task, eval_examples: list[Example], *,
     eos = tok.eos_token_id
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos
     device = next(model.parameters()).device
-    result = {"config": cfg.to_dict(), "trainable_parameters": count_trainable(model)}
+    # The environment (git commit and dirty flag included) as the run starts: what produced the numbers.
+    result = {"config": cfg.to_dict(), "trainable_parameters": count_trainable(model),
+              "env": record.environment(cfg.device)}
     if with_base:
         t0 = time.perf_counter()
         result["base"] = score(model, tok, eval_examples, cfg.seq_len, eos, pad)
@@ -350,7 +353,7 @@ def records(cfgs: list[RunConfig], task: Task, held: list[Example], results: dic
         tokens_per_step = rs[0]["tokens"] / cfg.steps
         out.append(record.make(cfg.to_dict(), source="measured", status="ok", bytes_=rs[0].get("bytes"),
                                step_seconds=step, tokens_per_second=tokens_per_step / step, quality=quality,
-                               env=record.environment(cfg.device), peak_at=rs[0].get("peak_at"),
+                               env=rs[0].get("env") or record.environment(cfg.device), peak_at=rs[0].get("peak_at"),
                                trainable_parameters=rs[0]["trainable_parameters"], n_seeds=n_seeds))
     return out
 
