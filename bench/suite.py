@@ -4,7 +4,8 @@ estimated, and write a summary beside the results.
     no GPU  -> bench/plans/cpu-quick.toml   (about 15 minutes on 2 cores)
     CUDA    -> bench/plans/gpu-7b.toml      (about 30 minutes on an A100)
 
-Output goes to reports/bench/PLAN/DEVICE/ (results.jsonl, estimates.jsonl, summary.md). Running again resumes: runs
+Output goes to reports/bench/PLAN/DEVICE/ (results.jsonl, estimates.jsonl, summary.md, quality/, and report/ with the
+tables, charts and claims of `qlora-bench report`). Running again resumes: runs
 already recorded for the same config and stack are not measured again (`--fresh` sets the old results aside).
 """
 
@@ -94,6 +95,10 @@ def run(plan_path: Path, out: Path, *, device: str, budget_gib: float | None = N
         quality.save(out / "quality", scored)
     text = summary(plan, latest(record.read(results)), estimates, scored)
     record.write_atomic(out / "summary.md", text)
+    from bench import report
+
+    report.build(report.load([out]), out / "report", [str(out)])
+    log(f"report (tables, charts, claims): {out / 'report'}/")
     return text
 
 
