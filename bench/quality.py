@@ -430,7 +430,9 @@ def markdown(records: list[dict]) -> str:
                          f"{_interval(q['difference'], '+.2f' if acc else '+.4f')} | {peak} | "
                          f"{r['step_seconds']:.3f} |")
         if acc:
-            lines += ["", _resolution(rs)]
+            lines += ["", _resolution(rs), "",
+                      "Loss and perplexity are on the answer and the end-of-sequence token after it, as trained; the "
+                      "untrained bases do not expect the answer to end there, hence their large loss."]
         lines.append("")
     return "\n".join(lines)
 
