@@ -176,7 +176,7 @@ def quality(records: list[dict], out: Path) -> list[str]:
             by_task.setdefault(q["task"], []).append(r)
     if not by_task:
         return []
-    fig, axes = plt.subplots(1, len(by_task), figsize=(3.6 * len(by_task), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(by_task), figsize=(max(5.0, 3.8 * len(by_task)), 4.0), squeeze=False)
     for ax, (task, rs) in zip(axes[0], by_task.items(), strict=True):
         q0 = rs[0]["quality"]
         entries = [(r["config"]["method"], r["quality"]["relative"], METHOD_COLOURS[r["config"]["method"]])
@@ -194,7 +194,8 @@ def quality(records: list[dict], out: Path) -> list[str]:
         ax.set_ylabel("score / Full FT's score")
         ax.set_title(f"{task} ({q0['metric']}), {rs[0]['config']['model']}\n{q0['eval_examples']} held-out, "
                      f"{len(q0['seeds'])} seed(s), on {device_of(rs[0])}", fontsize=8)
-    fig.suptitle("Relative quality with 95% bootstrap intervals (dashed: the folk 97% and 95%)")
+    fig.suptitle("Relative quality with 95% bootstrap intervals\n(dashed: the folk 97% for LoRA and 95% for QLoRA)",
+                 fontsize=9)
     return save(fig, out, "quality")
 
 
