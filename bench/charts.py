@@ -169,15 +169,11 @@ def fit_matrix(records: list[dict], out: Path) -> list[str]:
 
 def quality(records: list[dict], out: Path) -> list[str]:
     """4. Relative quality with 95% intervals, per task and method (bases included)."""
-    by_task: dict[str, list[dict]] = {}
-    for r in records:
-        q = r.get("quality")
-        if q and q.get("relative"):
-            by_task.setdefault(q["task"], []).append(r)
+    by_task = quality_sets(records)
     if not by_task:
         return []
     fig, axes = plt.subplots(1, len(by_task), figsize=(max(5.0, 3.8 * len(by_task)), 4.0), squeeze=False)
-    for ax, (task, rs) in zip(axes[0], by_task.items(), strict=True):
+    for ax, ((task, _, _), rs) in zip(axes[0], by_task.items(), strict=True):
         q0 = rs[0]["quality"]
         entries = [(r["config"]["method"], r["quality"]["relative"], METHOD_COLOURS[r["config"]["method"]])
                    for r in rs]
@@ -197,6 +193,16 @@ def quality(records: list[dict], out: Path) -> list[str]:
     fig.suptitle("Relative quality with 95% bootstrap intervals\n(dashed: the folk 97% for LoRA and 95% for QLoRA)",
                  fontsize=9)
     return save(fig, out, "quality")
+
+
+def quality_sets(records: list[dict]) -> dict[tuple, list[dict]]:
+    """Quality records with a relative figure, by (task, held-out set): one panel, one judgement each."""
+    out: dict[tuple, list[dict]] = {}
+    for r in records:
+        q = r.get("quality")
+        if q and q.get("relative"):
+            out.setdefault((q["task"], q["heldout_digest"], len(q["seeds"])), []).append(r)
+    return out
 
 
 def estimate_vs_measured(records: list[dict], out: Path) -> list[str]:

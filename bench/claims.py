@@ -194,11 +194,17 @@ def gpu_claims(est: dict) -> list[dict]:
 
 def quality_claims(records: list[dict]) -> list[dict]:
     rows = []
+    from bench.charts import quality_sets
+
+    # Per task, the largest evaluation (held-out examples x seeds) is the one judged.
     by_task: dict[str, dict[str, dict]] = {}
-    for r in records:
-        q = r.get("quality")
-        if q and q.get("relative"):
-            by_task.setdefault(q["task"], {})[r["config"]["method"]] = r
+    for (task, _, _), rs in quality_sets(records).items():
+        q = rs[0]["quality"]
+        size = q["eval_examples"] * len(q["seeds"])
+        best = by_task.get(task)
+        if best is None or size > best["full"]["quality"]["eval_examples"] * len(best["full"]["quality"]["seeds"]):
+            if any(r["config"]["method"] == "full" for r in rs):
+                by_task[task] = {r["config"]["method"]: r for r in rs}
     for task, rs in by_task.items():
         for method, claimed in (("lora", 0.97), ("qlora", 0.95)):
             r = rs.get(method)
