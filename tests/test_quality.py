@@ -12,7 +12,7 @@ from torch import nn
 
 from bench import quality
 from bench.cli import main
-from qlora import assets, tasks
+from qlora import assets, scoring, tasks
 from qlora.data import ByteTokenizer
 from qlora.tasks import Example
 
@@ -40,21 +40,21 @@ def logp(logit_of_token: float, others: int = V - 1) -> float:
 
 
 def test_loss_is_on_the_completion_only_and_prompts_lose_their_start_first():
-    e = quality.encode(BYTE, "ab", "cd", seq_len=10, eos=None)
+    e = scoring.encode(BYTE, "ab", "cd", seq_len=10, eos=None)
     assert e.ids == [97, 98, 99, 100] and e.labels == [-100, -100, 99, 100]
-    assert quality.encode(BYTE, "ab", "cd", seq_len=10, eos=3).labels == [-100, -100, 99, 100, 3]
-    cut = quality.encode(BYTE, "xyab", "cd", seq_len=3, eos=None)
+    assert scoring.encode(BYTE, "ab", "cd", seq_len=10, eos=3).labels == [-100, -100, 99, 100, 3]
+    cut = scoring.encode(BYTE, "xyab", "cd", seq_len=3, eos=None)
     assert cut.ids == [98, 99, 100] and cut.labels == [-100, 99, 100]
-    assert quality.encode(BYTE, "ab", "cdef", seq_len=3, eos=None).labels == [99, 100, 101]
+    assert scoring.encode(BYTE, "ab", "cdef", seq_len=3, eos=None).labels == [99, 100, 101]
     # Under a uniform model each completion token costs log V, and the prompt costs nothing.
-    (nll, n), = quality.target_nll(Bigram({}), [e], pad_id=0, batch_size=4)
+    (nll, n), = scoring.target_nll(Bigram({}), [e], pad_id=0, batch_size=4)
     assert n == 2 and nll == pytest.approx(2 * math.log(V), rel=1e-6)
 
 
 def test_label_likelihood_is_read_where_the_prompt_ends_even_in_right_padded_batches():
     model = Bigram({(":", "p"): 3.0, ("p", "o"): 1.0, (":", "n"): 1.0})
-    pairs = [quality.encode(BYTE, "x:", c, 64, None) for c in ("po", "n")]
-    (nll_po, n_po), (nll_n, n_n) = quality.target_nll(model, pairs, pad_id=0, batch_size=8)
+    pairs = [scoring.encode(BYTE, "x:", c, 64, None) for c in ("po", "n")]
+    (nll_po, n_po), (nll_n, n_n) = scoring.target_nll(model, pairs, pad_id=0, batch_size=8)
     assert n_po == 2 and n_n == 1
     row = math.log(math.exp(3.0) + math.exp(1.0) + V - 2)  # the ':' row: logits 3 for 'p', 1 for 'n', else 0
     assert -nll_po == pytest.approx(3.0 - row + logp(1.0), rel=1e-6)  # p after ':', then o after 'p'
@@ -62,24 +62,24 @@ def test_label_likelihood_is_read_where_the_prompt_ends_even_in_right_padded_bat
     # A choice's log-likelihood is summed over its tokens: here the one-token "n" beats "po" (-4.6 vs -7.2).
     good = Example(prompt="x:", choices=("p", "n"), answer=0)
     bad = Example(prompt="a longer prompt, so the short one is padded:", choices=("p", "n"), answer=1)
-    assert quality.score(model, BYTE, [Example("x:", choices=("po", "n"), answer=1)], 64, None, 0)["correct"] == [1]
+    assert scoring.score(model, BYTE, [Example("x:", choices=("po", "n"), answer=1)], 64, None, 0)["correct"] == [1]
     # Both examples in one batch (the first right-padded) score as they do alone.
-    together = quality.score(model, BYTE, [good, bad], seq_len=64, eos=None, pad_id=0, batch_size=8)
-    alone = [quality.score(model, BYTE, [e], seq_len=64, eos=None, pad_id=0, batch_size=1) for e in (good, bad)]
+    together = scoring.score(model, BYTE, [good, bad], seq_len=64, eos=None, pad_id=0, batch_size=8)
+    alone = [scoring.score(model, BYTE, [e], seq_len=64, eos=None, pad_id=0, batch_size=1) for e in (good, bad)]
     assert together["correct"] == [1, 0] == [a["correct"][0] for a in alone]
     assert together["nll"] == pytest.approx([a["nll"][0] for a in alone], rel=1e-6)
     assert together["tokens"] == [1, 1]  # the answer's tokens, scored as trained (no eos given)
     # With an end-of-sequence token: the held-out loss is the training target's (answer + eos), from the same pass.
-    with_eos = quality.score(model, BYTE, [good, bad], seq_len=64, eos=5, pad_id=0, batch_size=8)
-    as_trained = quality.target_nll(model, quality.training_pairs(BYTE, [good, bad], 64, 5), 0, 8)
+    with_eos = scoring.score(model, BYTE, [good, bad], seq_len=64, eos=5, pad_id=0, batch_size=8)
+    as_trained = scoring.target_nll(model, scoring.training_pairs(BYTE, [good, bad], 64, 5), 0, 8)
     assert with_eos["nll"] == pytest.approx([p[0] for p in as_trained]) and with_eos["tokens"] == [2, 2]
     assert with_eos["correct"] == [1, 0]
 
 
 def test_every_method_of_a_seed_sees_the_same_examples_in_the_same_order():
-    a = quality.schedule(50, steps=20, batch_size=8, seed=0)
-    assert a == quality.schedule(50, steps=20, batch_size=8, seed=0)
-    assert a != quality.schedule(50, steps=20, batch_size=8, seed=1)
+    a = scoring.schedule(50, steps=20, batch_size=8, seed=0)
+    assert a == scoring.schedule(50, steps=20, batch_size=8, seed=0)
+    assert a != scoring.schedule(50, steps=20, batch_size=8, seed=1)
     assert len(a) == 20 and all(len(b) == 8 for b in a)
     flat = [i for b in a[:6] for i in b]  # 48 of the first epoch of 50: no repeats within an epoch
     assert len(set(flat)) == 48
