@@ -172,17 +172,19 @@ def run(cfgs: list[RunConfig], task: Task, eval_examples: int, seeds: int, out: 
 
     held = task.heldout[:eval_examples]
     digest = eval_digest(held)
+    commit = record.git_state()["git_commit"]  # runs of other code are not resumed: they measure again
     runs_file = out / "quality-runs.jsonl" if out is not None else None
     done = {}
     if runs_file is not None and runs_file.exists():
         for r in record.read(runs_file):
-            done[(r["task"], r["heldout_digest"], json.dumps(r["config"], sort_keys=True))] = r
+            done[(r["task"], r["heldout_digest"], json.dumps(r["config"], sort_keys=True),
+                  (r.get("env") or {}).get("git_commit"))] = r
     base_by = next((c.method for c in cfgs if c.method in ("full", "lora")), None)
     results: dict[str, list[dict]] = {c.method: [] for c in cfgs}
     for seed in range(seeds):
         for c in cfgs:
             cfg = replace(c, seed=c.seed + seed)
-            k = (task.name, digest, json.dumps(cfg.to_dict(), sort_keys=True))
+            k = (task.name, digest, json.dumps(cfg.to_dict(), sort_keys=True), commit)
             if k in done:
                 log(f"{task.name} {cfg.method} seed {cfg.seed}: already scored")
                 r = done[k]

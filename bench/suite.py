@@ -6,7 +6,8 @@ estimated, and write a summary beside the results.
 
 Output goes to reports/bench/PLAN/DEVICE/ (results.jsonl, estimates.jsonl, summary.md, quality/, and report/ with the
 tables, charts and claims of `qlora-bench report`). Running again resumes: runs
-already recorded for the same config and stack are not measured again (`--fresh` sets the old results aside).
+already recorded for the same config and stack (libraries, device, git commit) are not measured again (`--fresh`
+sets the old results aside); a later commit measures again.
 """
 
 from __future__ import annotations
@@ -66,10 +67,13 @@ def estimate_for(cfg: RunConfig) -> dict:
 
 
 def latest(records: list[dict]) -> list[dict]:
-    """The last record of each run (config, stack, budget), in the order runs first appeared."""
+    """The last record of each run (config, device, budget), in the order runs first appeared: a run measured again
+    at a later commit replaces its earlier record in the summary."""
+    from bench.plan import key
+
     by_key = {}
     for r in records:
-        by_key[sweep.record_key(r)] = r
+        by_key[(key(r["config"]), r["env"]["device"]["name"], r.get("budget_bytes"))] = r
     return list(by_key.values())
 
 

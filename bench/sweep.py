@@ -2,7 +2,7 @@
 
 A crash, a time-out or an out-of-memory in one run cannot poison the next, and each starts with clean memory.
 Records are appended atomically to DIR/results.jsonl; running the same command again skips runs already recorded
-for the same config and stack (package versions and device), so a sweep interrupted even by kill -9 resumes
+for the same config and stack (package versions, device and git commit), so a sweep interrupted even by kill -9 resumes
 without losing or duplicating runs.
 """
 
@@ -29,10 +29,12 @@ STACK_PACKAGES = ("torch", "transformers", "peft", "bitsandbytes")
 
 
 def stack(device: str) -> dict:
-    """What a figure is only comparable under: the library versions and the device's name."""
+    """What a recorded run stands for: the library versions, the device's name and the code's commit. A sweep
+    resumes only runs recorded under all three, so new code (a fresh clone of a later commit) measures again."""
     from bench.probes import device_info
 
-    return {"packages": {p: metadata.version(p) for p in STACK_PACKAGES}, "device": device_info(device)["name"]}
+    return {"packages": {p: metadata.version(p) for p in STACK_PACKAGES}, "device": device_info(device)["name"],
+            "commit": record.git_state()["git_commit"]}
 
 
 def run_key(config: dict, stack_: dict, budget: int | None) -> str:
@@ -43,7 +45,8 @@ def run_key(config: dict, stack_: dict, budget: int | None) -> str:
 
 def record_key(r: dict) -> str:
     packages = {p: r["env"]["packages"].get(p) for p in STACK_PACKAGES}
-    return run_key(r["config"], {"packages": packages, "device": r["env"]["device"]["name"]}, r.get("budget_bytes"))
+    here = {"packages": packages, "device": r["env"]["device"]["name"], "commit": r["env"].get("git_commit")}
+    return run_key(r["config"], here, r.get("budget_bytes"))
 
 
 def run_isolated(cfg: RunConfig, budget: int | None, timeout_s: float | None) -> dict:

@@ -207,3 +207,19 @@ def test_default_plan_follows_the_hardware():
     assert resolve_plan("gpu-7b") == default_plan("cuda")
     out = default_out(default_plan("cpu"), "cpu")
     assert out.parts[:3] == ("reports", "bench", "cpu-quick") and out.name
+
+
+@pytest.mark.slow
+def test_runs_recorded_by_other_code_are_measured_again(tmp_path, capsys):
+    plan, out = tmp_path / "plan.toml", tmp_path / "out"
+    plan.write_text(PLAN.replace('"full", "lora", "qlora"', '"lora"'))
+    args = ["sweep", str(plan), "--out", str(out), "--device", "cpu"]
+    assert main(args) == 0
+    results = out / "results.jsonl"
+    (old,) = read(results)
+    old["env"]["git_commit"] = "0" * 40  # as if committed results came from an earlier commit
+    results.write_text(json.dumps(old) + "\n")
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "0 already recorded, 1 to run" in capsys.readouterr().err
+    assert len(read(results)) == 2
