@@ -7,7 +7,6 @@ records (no dates in the files, a fixed SVG hash salt), so a regenerated report 
 
 from __future__ import annotations
 
-import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,16 +16,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from bench.ledger import CATEGORIES  # noqa: E402
-from bench.report import CARD_LINES, COLOURS, METHOD_COLOURS, GiB  # noqa: E402
+from bench.report import CARD_LINES, COLOURS, METHOD_COLOURS, GiB, device_of, slug  # noqa: E402
 from qlora.config import RunConfig  # noqa: E402
 
 METHODS = ("full", "lora", "qlora")
 plt.rcParams.update({"svg.hashsalt": "qlora-bench", "font.size": 9, "axes.spines.top": False,
                      "axes.spines.right": False, "figure.dpi": 110})
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
 def save(fig, out: Path, name: str) -> list[str]:
@@ -35,10 +30,6 @@ def save(fig, out: Path, name: str) -> list[str]:
     fig.savefig(out / f"{name}.svg", metadata={"Date": None, "Creator": None})
     plt.close(fig)
     return [f"{name}.png", f"{name}.svg"]
-
-
-def device_of(r: dict) -> str:
-    return ((r.get("env") or {}).get("device") or {}).get("name") or r["config"].get("device", "")
 
 
 def groups(records: list[dict]) -> list[tuple[tuple, list[dict]]]:

@@ -13,7 +13,6 @@ sets the old results aside); a later commit measures again.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 from bench import quality, record, sweep
@@ -42,12 +41,9 @@ def resolve_plan(spec: str) -> Path:
     raise ConfigError(f"plan {spec!r} is neither a file nor a committed plan ({known})")
 
 
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
-
-
 def default_out(plan: Path, device: str) -> Path:
     from bench.probes import device_info
+    from bench.report import slug
 
     name = device_info(device)["name"] or device
     return Path("reports") / "bench" / plan.stem / slug(name)
@@ -56,10 +52,11 @@ def default_out(plan: Path, device: str) -> Path:
 def estimate_for(cfg: RunConfig) -> dict:
     """The analytical estimate of cfg at full depth, with its fit on the summary's cards."""
     from bench import gpus
-    from bench.estimate import estimate_bytes, read_arch
+    from bench.estimate import estimate_bytes
+    from bench.report import arch_of
 
     full = RunConfig.from_dict({**cfg.to_dict(), "layers": None})
-    arch = read_arch(full)
+    arch = arch_of(full)
     est = estimate_bytes(full, arch)
     fit = {g: gpus.headroom(gpus.CATALOG[g], est["bytes"]["peak"]) for g in SUMMARY_GPUS}
     return record.make(full.to_dict(), source="estimated", status="ok", bytes_=est["bytes"],
