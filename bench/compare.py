@@ -3,8 +3,10 @@
 Prints Markdown (fit for a CI job summary). A run regresses when its peak or any category grows by more than
 `memory_threshold` of its baseline value (and by more than `floor_bytes`, so a few KiB on an empty category is not
 a regression), when its step time grows by more than `time_threshold`, or when it no longer finishes (ok -> oom or
-error). Step time is compared only between records from the same device; for an extrapolated record, at the
-deeper of the two depths it measured. The CLI exits 3 when anything regressed.
+error). A baseline run that NEW lacks is a problem too: an empty or wrong file must not pass a CI gate by having
+nothing to compare; runs only in NEW are listed, not judged. Step time is compared only between records from the
+same device; for an extrapolated record, at the deeper of the two depths it measured. The CLI exits 3 when anything
+regressed or is missing, 2 when either file is unreadable, is not result records, or holds none.
 """
 
 from __future__ import annotations
@@ -28,14 +30,23 @@ class Row:
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def missing(self) -> bool:
+        return self.old is not None and self.new is None
+
 
 def load(path: str | Path) -> dict[str, dict]:
-    """Records of a JSONL file by config (the last record of a config wins). Raises ConfigError if unreadable."""
-    try:
-        records = record.read(path)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot read result records from {path}: {e}") from None
-    return {key(r["config"]): r for r in records}
+    """Records of a JSONL file by config (the last record of a config wins). Raises ConfigError naming FILE:LINE
+    when the file is unreadable or holds anything but result records, and when it holds none at all."""
+    out = {}
+    for n, r in record.read_numbered(path):
+        try:
+            out[key(r["config"])] = r
+        except (ValueError, TypeError, AttributeError) as e:  # RunConfig's checks, and values of the wrong type
+            raise ConfigError(f"{path}:{n}: config is not a run configuration ({e})") from None
+    if not out:
+        raise ConfigError(f"no result records in {path}")
+    return out
 
 
 def compare(baseline: dict[str, dict], new: dict[str, dict], *, memory_threshold: float = 0.02,
@@ -45,13 +56,20 @@ def compare(baseline: dict[str, dict], new: dict[str, dict], *, memory_threshold
         old, cur = baseline.get(k), new.get(k)
         row = Row((old or cur)["config"], old, cur)
         rows.append(row)
-        if old is None or cur is None or old["status"] != "ok":
+        if row.missing:
+            row.problems.append("missing from new")
+            continue
+        if old is None or old["status"] != "ok":
             continue
         if cur["status"] != "ok":
-            row.problems.append(f"was ok, now {cur['status']}: {cur['error']}")
+            error = f": {cur['error']}" if cur.get("error") else ""
+            row.problems.append(f"was ok, now {cur['status']}{error}")
             continue
         for c in (*CATEGORIES, "peak"):
-            a, b = old["bytes"][c], cur["bytes"][c]
+            # A category one side did not record (an older harness, a run cut short) has nothing to compare.
+            a, b = (old.get("bytes") or {}).get(c), (cur.get("bytes") or {}).get(c)
+            if a is None or b is None:
+                continue
             if b - a > max(memory_threshold * a, floor_bytes):
                 row.problems.append(f"{c} +{(b - a) / MiB:,.1f} MiB ({(b - a) / a:+.1%})" if a else
                                     f"{c} +{(b - a) / MiB:,.1f} MiB (was 0)")
@@ -82,20 +100,29 @@ def describe(config: dict) -> str:
     return f"{config['model']} {config['method']} {config['batch_size']}x{config['seq_len']}{ckpt}"
 
 
+def peak_of(r: dict) -> int | None:
+    return (r.get("bytes") or {}).get("peak") if r["status"] == "ok" else None
+
+
 def markdown(rows: list[Row], baseline: str, new: str) -> str:
     bad = [r for r in rows if r.problems]
-    lines = [f"## qlora-bench compare: {len(bad)} of {len(rows)} runs regressed", "",
-             f"Baseline `{baseline}`, new `{new}`.", "",
-             "| run | peak GiB (baseline → new) | Δ peak | step s (baseline → new) | verdict |",
-             "|---|---|---|---|---|"]
+    missing = [describe(r.config) for r in rows if r.missing]
+    only_new = sum(r.old is None for r in rows)
+    lines = [f"## qlora-bench compare: {len(bad)} of {len(rows) - only_new} runs regressed or missing", "",
+             f"Baseline `{baseline}`, new `{new}`."
+             + (f" {only_new} run(s) only in new: listed, not compared." if only_new else ""), ""]
+    if missing:
+        lines += [f"**Missing from new** ({len(missing)}): " + "; ".join(missing) + ".", ""]
+    lines += ["| run | peak GiB (baseline → new) | Δ peak | step s (baseline → new) | verdict |",
+              "|---|---|---|---|---|"]
     for r in rows:
         if r.old is None or r.new is None:
-            where = "new only" if r.old is None else "missing from new"
+            where = "new only" if r.old is None else "**missing from new**"
             lines.append(f"| {describe(r.config)} | | | | {where} |")
             continue
-        peaks = [x["bytes"]["peak"] if x["status"] == "ok" else None for x in (r.old, r.new)]
+        peaks = [peak_of(x) for x in (r.old, r.new)]
         peak = " → ".join("—" if p is None else f"{p / GiB:.3f}" for p in peaks)
-        delta = f"{peaks[1] / peaks[0] - 1:+.2%}" if None not in peaks else ""
+        delta = f"{peaks[1] / peaks[0] - 1:+.2%}" if None not in peaks and peaks[0] else ""
         (ta, where), (tb, _) = timed(r.old), timed(r.new)
         times = " → ".join("—" if t is None else f"{t:.3f}" for t in (ta, tb)) + where
         verdict = "**regressed**: " + "; ".join(r.problems) if r.problems else "ok"

@@ -11,11 +11,17 @@ import subprocess
 import tempfile
 from importlib import metadata
 from pathlib import Path
+from typing import get_args
+
+from qlora.config import ConfigError, Method
 
 SCHEMA = 1
 PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "qlora-bench")
 SOURCES = ("measured", "extrapolated", "estimated")
 STATUSES = ("ok", "oom", "error")
+METHODS = get_args(Method)
+# What every consumer indexes directly; the other contract fields are read with defaults.
+REQUIRED = ("schema", "id", "source", "config", "status")
 
 
 def git_state() -> dict:
@@ -124,4 +130,109 @@ def write_atomic(path: str | Path, text: str) -> None:
 
 
 def read(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The result records of a JSONL file, each checked against the contract. Every consumer reads through here, so
+    a torn line, a record of a newer schema or an unknown method is one ConfigError naming FILE:LINE, not a
+    KeyError deep in a report."""
+    return [r for _, r in read_numbered(path)]
+
+
+def read_numbered(path: str | Path) -> list[tuple[int, dict]]:
+    """Checked result records with their line numbers, for callers that check more and must say where."""
+    return [(n, check(obj, f"{path}:{n}")) for n, obj in _objects(path)]
+
+
+def read_objects(path: str | Path) -> list[dict]:
+    """Every line a JSON object, checked no further: for JSONL files that hold something other than result records
+    (quality's per-seed scores)."""
+    return [obj for _, obj in _objects(path)]
+
+
+def _objects(path: str | Path) -> list[tuple[int, dict]]:
+    out = []
+    # Split on newlines only, as JSONL does: splitlines() also splits on U+2028 and friends, which may stand
+    # unescaped inside a JSON string and would shift every line number after them.
+    for n, line in enumerate(_text(Path(path)).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line, parse_constant=_no_constant)
+        except ValueError as e:  # JSONDecodeError, and NaN/Infinity, which writers never emit (allow_nan=False)
+            where = f" at column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
+            raise ConfigError(f"{path}:{n}: not valid JSON ({getattr(e, 'msg', e)}{where})") from None
+        if not isinstance(obj, dict):
+            raise ConfigError(f"{path}:{n}: not a result record (a JSON {type(obj).__name__}, not an object)")
+        out.append((n, obj))
+    return out
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _text(path: Path) -> str:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"no such results file: {path}") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read results file {path}: {e.strerror or e}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        # Name the line, as for any other damage: count the newlines before the bad byte.
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at column {column})") from None
+
+
+def check(r: dict, where: str) -> dict:
+    """`r` if it is a result record this version reads; else ConfigError "WHERE: what is wrong"."""
+    # The schema first: a newer record may have moved any other field, so checking those would mislead.
+    schema = r.get("schema")
+    if "schema" not in r:
+        raise ConfigError(f"{where}: not a result record (no 'schema')")
+    if isinstance(schema, bool) or not isinstance(schema, int):
+        raise ConfigError(f"{where}: not a result record (schema must be an integer, got {schema!r})")
+    if schema > SCHEMA:
+        raise ConfigError(f"{where}: schema {schema} is newer than this qlora-bench reads ({SCHEMA}); "
+                          "upgrade qlora-bench")
+    if schema != SCHEMA:
+        raise ConfigError(f"{where}: schema {schema} is not one this qlora-bench reads ({SCHEMA})")
+    missing = [k for k in REQUIRED if k not in r]
+    if missing:
+        raise ConfigError(f"{where}: not a result record (no {', '.join(map(repr, missing))})")
+    if not isinstance(r["id"], str) or not r["id"]:
+        raise ConfigError(f"{where}: id must be a non-empty string, got {r['id']!r}")
+    _one_of(where, "source", r["source"], SOURCES)
+    _one_of(where, "status", r["status"], STATUSES)
+    _check_config(r["config"], where)
+    _check_bytes(r.get("bytes"), where)
+    return r
+
+
+def _one_of(where: str, name: str, value, allowed: tuple) -> None:
+    if not isinstance(value, str) or value not in allowed:
+        raise ConfigError(f"{where}: {name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _check_config(config, where: str) -> None:
+    """What every reader indexes without a default: the method picks code paths, the rest names the run."""
+    if not isinstance(config, dict):
+        raise ConfigError(f"{where}: config must be an object, got {config!r}")
+    _one_of(where, "config.method", config.get("method"), METHODS)
+    if not isinstance(config.get("model"), str) or not config["model"]:
+        raise ConfigError(f"{where}: config.model must be a non-empty string, got {config.get('model')!r}")
+    for name in ("batch_size", "seq_len"):
+        value = config.get(name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: config.{name} must be an integer, got {value!r}")
+
+
+def _check_bytes(bytes_, where: str) -> None:
+    if bytes_ is None:
+        return
+    if not isinstance(bytes_, dict):
+        raise ConfigError(f"{where}: bytes must be null or an object, got {bytes_!r}")
+    for name, value in bytes_.items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: bytes.{name} must be an integer, got {value!r}")

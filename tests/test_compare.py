@@ -67,7 +67,48 @@ def test_unreadable_files_are_bad_input(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{not json\n")
     assert main(["compare", str(bad), str(bad)]) == 2
-    assert "cannot read result records from" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith(f"qlora-bench: error: {bad}:1: not valid JSON") and err.count("\n") == 1
+
+
+def test_a_baseline_run_missing_from_new_fails_and_is_named(tmp_path, capsys, baseline):
+    a = write(tmp_path / "a.jsonl", baseline)
+    assert main(["compare", a, write(tmp_path / "b.jsonl", baseline[:1])]) == 3
+    out = capsys.readouterr().out
+    assert "2 of 3 runs regressed or missing" in out
+    assert "**Missing from new** (2): llama-2-7b lora 1x256; llama-2-7b qlora 1x256." in out
+    assert out.count("| **missing from new** |") == 2
+    # The other way round, the runs only in new are listed, not judged: nothing of the baseline is missing.
+    assert main(["compare", str(tmp_path / "b.jsonl"), a]) == 0
+    out = capsys.readouterr().out
+    assert "0 of 1 runs regressed or missing" in out and out.count("| new only |") == 2
+
+
+def test_a_new_file_with_no_records_is_bad_input(tmp_path, capsys, baseline):
+    a = write(tmp_path / "a.jsonl", baseline)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    assert main(["compare", a, str(empty)]) == 2
+    assert capsys.readouterr().err == f"qlora-bench: error: no result records in {empty}\n"
+    assert main(["compare", a, str(tmp_path / "none.jsonl")]) == 2
+    assert "no such results file" in capsys.readouterr().err
+
+
+def test_a_torn_line_in_new_is_bad_input_named_by_line(tmp_path, capsys, baseline):
+    a = write(tmp_path / "a.jsonl", baseline)
+    torn = tmp_path / "b.jsonl"
+    write(torn, baseline)
+    text = torn.read_text()
+    torn.write_text(text[: len(text) - 200])  # a writer killed mid-line (record.append never leaves one)
+    assert main(["compare", a, str(torn)]) == 2
+    assert f"{torn}:3: not valid JSON (" in capsys.readouterr().err
+
+
+def test_an_unknown_method_is_bad_input_not_a_crash(tmp_path, capsys, baseline):
+    odd = copy.deepcopy(baseline)
+    odd[1]["config"]["method"] = "dora"
+    assert main(["compare", write(tmp_path / "a.jsonl", baseline), write(tmp_path / "b.jsonl", odd)]) == 2
+    assert f"{tmp_path / 'b.jsonl'}:2: config.method must be one of" in capsys.readouterr().err
 
 
 def test_extrapolated_runs_compare_time_at_their_measured_depth_and_devices_must_match(tmp_path, capsys, baseline):

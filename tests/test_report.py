@@ -5,8 +5,11 @@ from pathlib import Path
 
 import pytest
 
+from bench import record
 from bench.claims import verdict
 from bench.cli import main
+from bench.ledger import CATEGORIES
+from qlora.config import RunConfig
 
 ROOT = Path(__file__).parent.parent
 REFERENCE = ROOT / "reports" / "reference"
@@ -60,5 +63,40 @@ def test_bad_inputs_are_named(tmp_path, capsys):
     junk = tmp_path / "junk.jsonl"
     junk.write_text('{"a": 1}\n')
     assert main(["report", str(junk), "--out", str(tmp_path / "r")]) == 2
-    assert f"{junk}: not a result record" in capsys.readouterr().err
+    assert f"{junk}:1: not a result record" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def tiny_records(path: Path) -> str:
+    """Three hand-made records of the tiny model (one per method): enough for a report, quick to draw."""
+    records = []
+    for i, method in enumerate(("full", "lora", "qlora"), start=1):
+        cfg = RunConfig(model="tiny-llama", method=method, batch_size=1, seq_len=32).to_dict()
+        bytes_ = {c: 1000 * i for c in CATEGORIES}
+        bytes_["peak"] = sum(bytes_.values())
+        records.append(record.make(cfg, source="measured", status="ok", bytes_=bytes_))
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def test_a_report_outside_reports_writes_nothing_beside_its_folder(tmp_path, capsys):
+    results = tiny_records(tmp_path / "in.jsonl")
+    (tmp_path / "README.md").write_text("a project's own README\n")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "README.md").write_bytes(b"# caf\xe9\n")  # not UTF-8: must not even be read
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(["report", results, "--out", str(tmp_path / "a")]) == 0
+    assert (tmp_path / "README.md").read_text() == "a project's own README\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*before, "a"])
+    assert (tmp_path / "a" / "README.md").read_text().startswith("# qlora-bench report")
+
+
+def test_a_report_under_reports_is_indexed_there_whatever_the_other_readmes_hold(tmp_path, capsys):
+    reports = tmp_path / "reports"
+    (reports / "old").mkdir(parents=True)
+    (reports / "old" / "README.md").write_bytes(b"# Caf\xe9 figures\n")  # Latin-1, from some other tool
+    (tmp_path / "README.md").write_text("untouched\n")
+    assert main(["report", tiny_records(tmp_path / "in.jsonl"), "--out", str(reports / "a")]) == 0
+    index = (reports / "README.md").read_text()
+    assert "- [a](a/): qlora-bench report" in index and "- [old](old/): Caf\ufffd figures" in index
+    assert (tmp_path / "README.md").read_text() == "untouched\n"
