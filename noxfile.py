@@ -38,13 +38,18 @@ def bench(session: nox.Session) -> None:
 
     Without a GPU: bench/plans/cpu-quick.toml (the real pretrained SmolLM2-135M-Instruct three ways, Llama-2-7B
     extrapolated from 1 and 2 layers, 7B estimates), about 15 minutes on 2 cores. With CUDA: bench/plans/gpu-7b.toml.
-    Results and summary.md go to reports/bench/PLAN/DEVICE/; a second run resumes (posargs `--fresh` re-measures).
-    Posargs go to `qlora-bench bench`, e.g. `nox -s bench -- --plan gpu-7b --budget-gib 24`. pytest-benchmark's JSON
-    goes to .bench/benchmark.json and its history to .benchmarks/ (`pytest-benchmark compare`).
+    Results, summary.md and a report go to results/PLAN/DEVICE/ (untracked; the committed references under
+    reports/ change only with an explicit --out); a second run resumes (posargs `--fresh` re-measures).
+    Posargs go to `qlora-bench bench`, e.g. `nox -s bench -- --plan gpu-7b --budget-gib 24`; `-- --plan smoke` is
+    the few-minute check CI runs. pytest-benchmark's JSON goes to .bench/benchmark.json and its history to
+    .benchmarks/ (`pytest-benchmark compare`).
     """
+    import os
+
     install(session, "test")
     session.run("qlora-bench", "fetch")
     session.run("qlora-bench", "bench", *session.posargs)
+    os.makedirs(".bench", exist_ok=True)  # pytest-benchmark does not create the folder of --benchmark-json
     session.run("pytest", "benchmarks", "--benchmark-enable", "--benchmark-autosave",
                 "--benchmark-json", ".bench/benchmark.json")
 

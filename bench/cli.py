@@ -13,7 +13,7 @@ import sys
 from dataclasses import replace
 
 from bench.ledger import CATEGORIES
-from qlora.config import LLAMA_TARGETS, ConfigError, RunConfig
+from qlora.config import ALL_LINEAR, ConfigError, RunConfig
 
 GiB = 2**30
 METHODS = ("full", "lora", "qlora")
@@ -42,13 +42,15 @@ def add_run_options(p: argparse.ArgumentParser, *, method_all: bool) -> None:
     p.add_argument("model", help="bundled name (see `qlora-bench models`), a directory, or a hub id")
     p.add_argument("--method", default="qlora",
                    help="full, lora or qlora" + (", or all" if method_all else "") + " (default: qlora)")
-    p.add_argument("--seq-len", type=int, default=d.seq_len, help=f"tokens per sequence (default: {d.seq_len})")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help=f"tokens per sequence (default: {d.seq_len}, or the model's maximum if that is shorter)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"sequences per step (default: {d.batch_size})")
     p.add_argument("--lora-r", type=int, default=d.lora_r, help=f"LoRA rank (default: {d.lora_r})")
     p.add_argument("--lora-alpha", type=int, default=d.lora_alpha, help=f"LoRA alpha (default: {d.lora_alpha})")
     p.add_argument("--lora-dropout", type=float, default=d.lora_dropout)
-    p.add_argument("--lora-targets", default=",".join(LLAMA_TARGETS),
-                   help="comma-separated Linear names to adapt (default: all seven projections)")
+    p.add_argument("--lora-targets", default=ALL_LINEAR,
+                   help=f"comma-separated Linear names to adapt (default: {ALL_LINEAR}, every Linear of the decoder "
+                   "layers: the seven projections of a Llama-family block)")
     p.add_argument("--quant-type", default=d.quant_type, help="nf4 or fp4 (qlora; default: nf4)")
     p.add_argument("--no-double-quant", dest="double_quant", action="store_false",
                    help="store the 4-bit block constants in fp32 instead of 8 bit (qlora)")
@@ -65,19 +67,28 @@ def add_run_options(p: argparse.ArgumentParser, *, method_all: bool) -> None:
     p.add_argument("--layers", type=int, default=None, help="build only N decoder layers (reduced depth)")
 
 
-def configs_from_args(args, default_device: str | None = None) -> list[RunConfig]:
+def configs_from_args(args, default_device: str | None = None, *, device_check: bool = True) -> list[RunConfig]:
+    """The RunConfigs the run options ask for, checked against the model and (device_check) this machine before any
+    work starts (qlora.preflight): a bad value is one line and exit 2."""
+    from qlora import models
+    from qlora.preflight import preflight
+
     methods = list(METHODS) if args.method == "all" else [args.method]
     targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+    seq_len = args.seq_len
+    if seq_len is None:  # the default, within what the model can take (tiny-llama has 256 positions)
+        limit = getattr(models.hf_config(models.resolve(args.model), args.layers), "max_position_embeddings", None)
+        seq_len = min(RunConfig.seq_len, limit or RunConfig.seq_len)
     base = RunConfig(
         model=args.model, method=methods[0], quant_type=args.quant_type, double_quant=args.double_quant,
         compute_dtype=args.compute_dtype, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout, lora_targets=targets,
         optimizer=args.optimizer, lr=args.lr, precision=args.precision, batch_size=args.batch_size,
-        seq_len=args.seq_len, grad_checkpointing=args.grad_checkpointing, attention=args.attention,
+        seq_len=seq_len, grad_checkpointing=args.grad_checkpointing, attention=args.attention,
         steps=args.steps, seed=args.seed,
         device=args.device or default_device or _default_device(), layers=args.layers,
     )
-    return [replace(base, method=m) for m in methods]
+    return [preflight(replace(base, method=m), device=device_check) for m in methods]
 
 
 def cmd_models(args) -> int:
@@ -119,26 +130,20 @@ def train_summary(cfg: RunConfig) -> dict:
     }
 
 
-def in_fresh_process(fn, cfg: RunConfig):
-    """fn(cfg) in a new process: memory starts clean, and what one run leaves behind cannot inflate the next."""
-    import multiprocessing
-
-    # RSS follows live memory only with glibc's dynamic mmap threshold off; it must be set before the process starts.
-    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(fn, (cfg,))
-
-
 def cmd_train(args) -> int:
+    from bench.runner import RunFailed, isolated
+
     configs = configs_from_args(args)
-    if len(configs) > 1:
-        # One fresh process per method: memory freed by one run is not always returned to the OS, so a shared
-        # process would report the first method's peak for all of them.
-        run = in_fresh_process
-    else:
-        run = lambda fn, cfg: fn(cfg)  # noqa: E731
+    status = 0
     for cfg in configs:
-        summary = run(train_summary, cfg)
+        try:
+            # One fresh process per run: memory freed by one run is not always returned to the OS, so a shared
+            # process would report the first method's peak for all of them.
+            summary = isolated(train_summary, cfg) if len(configs) > 1 else train_summary(cfg)
+        except RunFailed as e:
+            print(f"{cfg.method:<6} {e.status}: {e.message}", flush=True)
+            status = 1
+            continue
         if args.json:
             print(json.dumps(summary), flush=True)
             continue
@@ -147,7 +152,7 @@ def cmd_train(args) -> int:
         print(f"{cfg.method:<6} trainable {summary['trainable_parameters']:>13,}  "
               f"loss {losses[0]:.3f} -> {losses[-1]:.3f}  step {summary['step_seconds']:.3f} s  "
               f"{summary['tokens_per_second']:,.0f} tok/s  peak RssAnon {peak} (build included)", flush=True)
-    return 0
+    return status
 
 
 def fmt_bytes(n, unit: int) -> str:
@@ -197,11 +202,14 @@ def print_record(r: dict) -> None:
 
 def cmd_measure(args) -> int:
     from bench import record
-    from bench.measure import measure
+    from bench.measure import check, measure
+    from bench.runner import isolated
 
+    check_out_file(args.out)
+    configs = [check(c) for c in configs_from_args(args)]
     status = 0
-    for cfg in configs_from_args(args):
-        r = measure(cfg, run=in_fresh_process)
+    for cfg in configs:
+        r = measure(cfg, run=isolated)
         if args.out:
             record.append(args.out, r)
         if args.json:
@@ -226,7 +234,7 @@ def cmd_estimate(args) -> int:
     gpu = gpus.lookup(args.gpu) if args.gpu else None
     if (args.max or args.trials) and gpu is None:
         raise BadInput("--max and --trials need --gpu NAME (see --gpu list)")
-    configs = configs_from_args(args, default_device="cuda")
+    configs = configs_from_args(args, default_device="cuda", device_check=False)
     arch = read_arch(configs[0])
     records = []
     for cfg in configs:
@@ -273,8 +281,9 @@ def print_estimates(records: list[dict], gpu) -> None:
 
 def cmd_validate(args) -> int:
     from bench import validate
+    from bench.runner import isolated
 
-    rows = validate.run(args.plan, args.out, in_fresh_process)
+    rows = validate.run(args.plan, args.out, isolated)
     print(validate.markdown(rows))
     bad = [r for r in rows if abs(r["peak_error"]) > validate.TOLERANCE]
     if bad:
@@ -282,14 +291,66 @@ def cmd_validate(args) -> int:
     return 1 if bad else 0
 
 
+def check_out_file(path: str | None) -> None:
+    """An --out that names a JSONL file: refuse a directory, or a file where a folder must go, before any run."""
+    from pathlib import Path
+
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise BadInput(f"--out {path!r} is a directory; give a file to append records to, e.g. {p / 'results.jsonl'}")
+    if any(a.exists() and not a.is_dir() for a in p.parents):
+        raise BadInput(f"--out {path!r}: a parent of it is a file, not a directory")
+
+
+def check_out_dir(path: str | None) -> None:
+    """An --out that names a folder: refuse an existing file (or a file among its parents) before any run."""
+    from pathlib import Path
+
+    if path is None:
+        return
+    p = Path(path)
+    if any(a.exists() and not a.is_dir() for a in (p, *p.parents)):
+        raise BadInput(f"--out {path!r} is a file (or lies under one); give a directory")
+
+
+def add_sweep_options(p: argparse.ArgumentParser) -> None:
+    """Options of the commands that run a plan's matrix (`sweep`, `bench`)."""
+    p.add_argument("--budget-gib", type=float, help="treat this many GiB as the device's capacity: beyond it, oom")
+    p.add_argument("--timeout-s", type=float, help="time limit in seconds for each run's process (recorded as an "
+                   "error, and run again on the next resume)")
+    p.add_argument("--device", help="device for groups that do not set one (default: cuda if available, else cpu)")
+    p.add_argument("--dry-run", action="store_true", help="check the plan and list the runs still to do; run nothing")
+
+
+def check_sweep_options(args) -> None:
+    import math
+
+    for name in ("budget_gib", "timeout_s"):
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise BadInput(f"--{name.replace('_', '-')} must be a number > 0, got {value}")
+    check_out_dir(args.out)
+
+
 def cmd_sweep(args) -> int:
     from bench import sweep
 
-    if args.budget_gib is not None and not args.budget_gib > 0:
-        raise BadInput(f"--budget-gib must be > 0, got {args.budget_gib}")
-    new = sweep.run(args.plan, args.out, device=args.device or _default_device(), budget_gib=args.budget_gib,
-                    timeout_s=args.timeout_s, log=lambda line: print(line, file=sys.stderr, flush=True))
-    return 1 if any(r["status"] == "error" for r in new) else 0
+    check_sweep_options(args)
+    runs = sweep.run(args.plan, args.out, device=args.device or _default_device(), budget_gib=args.budget_gib,
+                     timeout_s=args.timeout_s, dry_run=args.dry_run,
+                     log=lambda line: print(line, file=sys.stderr, flush=True))
+    return failed_runs(runs)
+
+
+def failed_runs(runs: list[dict]) -> int:
+    """Exit status of a sweep-like command: 1 (and a line) if any run's latest record is an error."""
+    errors = [r for r in runs if r["status"] == "error"]
+    if errors:
+        print(f"qlora-bench: {len(errors)} run(s) ended in error; the next run of the same command tries them "
+              "again", file=sys.stderr)
+    return 1 if errors else 0
 
 
 def cmd_bench(args) -> int:
@@ -297,19 +358,20 @@ def cmd_bench(args) -> int:
 
     from bench import record, suite
 
-    if args.budget_gib is not None and not args.budget_gib > 0:
-        raise BadInput(f"--budget-gib must be > 0, got {args.budget_gib}")
+    check_sweep_options(args)
     device = args.device or _default_device()
     plan = suite.resolve_plan(args.plan) if args.plan else suite.default_plan(device)
     out = Path(args.out) if args.out else suite.default_out(plan, device)
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     log(f"plan {plan} on {device}; results in {out}/")
     text = suite.run(plan, out, device=device, budget_gib=args.budget_gib, timeout_s=args.timeout_s,
-                     fresh=args.fresh, log=log)
+                     fresh=args.fresh, dry_run=args.dry_run, log=log)
+    if args.dry_run:
+        return 0
     print(text, end="")
-    log(f"wrote {out / 'results.jsonl'}, {out / 'estimates.jsonl'} and {out / 'summary.md'}")
-    runs = suite.latest(record.read(out / "results.jsonl"))
-    return 1 if any(r["status"] == "error" for r in runs) else 0
+    log(f"wrote {out / 'results.jsonl'}, {out / 'estimates.jsonl'}, {out / 'summary.md'} and the report in "
+        f"{out / 'report'}/")
+    return failed_runs(suite.latest(record.read(out / "results.jsonl")))
 
 
 def cmd_compare(args) -> int:
@@ -334,6 +396,7 @@ def cmd_quality(args) -> int:
 
     from bench import quality
 
+    check_out_dir(args.out)
     spec = {k: getattr(args, k) for k in quality.SPEC_KEYS if getattr(args, k, None) is not None}
     plan = quality.prepare(spec, args.device or _default_device())
     if plan.eval_examples > len(plan.task.heldout):
@@ -401,16 +464,13 @@ def parser() -> Parser:
     sw = sub.add_parser("sweep", help="every run of a TOML plan, each in its own process; resumable")
     sw.add_argument("plan", help="TOML plan of [[group]] tables (see bench/plans/)")
     sw.add_argument("--out", required=True, help="directory; records are appended to OUT/results.jsonl")
-    sw.add_argument("--budget-gib", type=float, help="treat this many GiB as the device's capacity: beyond it, oom")
-    sw.add_argument("--timeout-s", type=float, help="per-run time limit in seconds (recorded as an error)")
-    sw.add_argument("--device", help="device for groups that do not set one (default: cuda if available, else cpu)")
+    add_sweep_options(sw)
     sw.set_defaults(func=cmd_sweep)
     b = sub.add_parser("bench", help="the main job: the plan for this hardware, swept, estimated, summarised")
     b.add_argument("--plan", help="a plan file or committed plan name (default: gpu-7b with CUDA, else cpu-quick)")
-    b.add_argument("--out", help="directory (default: reports/bench/PLAN/DEVICE)")
-    b.add_argument("--budget-gib", type=float, help="treat this many GiB as the device's capacity: beyond it, oom")
-    b.add_argument("--timeout-s", type=float, help="per-run time limit in seconds (recorded as an error)")
-    b.add_argument("--device", help="device for groups that do not set one (default: cuda if available, else cpu)")
+    b.add_argument("--out", help="directory (default: results/PLAN/DEVICE, untracked; the committed references are "
+                   "regenerated with an explicit --out reports/bench/PLAN/DEVICE)")
+    add_sweep_options(b)
     b.add_argument("--fresh", action="store_true", help="set earlier results aside and measure every run again")
     b.set_defaults(func=cmd_bench)
     cp = sub.add_parser("compare", help="memory and time deltas between two result files; exit 3 on regression")

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from qlora import models
 from qlora.build import model_dtype
-from qlora.config import ConfigError, RunConfig
+from qlora.config import RunConfig
 from qlora.quantize import KEEP_UNQUANTISED
 
 CATEGORIES = ("weights", "quant_state", "adapter", "gradients", "optimizer", "activations", "other")
@@ -60,10 +60,7 @@ class Arch:
 def read_arch(cfg: RunConfig) -> Arch:
     from torch import nn
 
-    from qlora.build import check_against_model
-
     hf = models.hf_config(models.resolve(cfg.model), cfg.layers)
-    check_against_model(cfg, hf)
     meta = models.meta_model(hf, model_dtype(cfg))
     layers = meta.get_decoder().layers
     linears = tuple((n.rsplit(".", 1)[-1], m.in_features, m.out_features, m.bias is not None)
@@ -80,19 +77,6 @@ def read_arch(cfg: RunConfig) -> Arch:
         param_numels=tuple(p.numel() for p in params),
         max_positions=getattr(hf, "max_position_embeddings", None),
     )
-
-
-def check(cfg: RunConfig, arch: Arch) -> None:
-    """Settings the architecture makes impossible. Raises ConfigError naming the value."""
-    if cfg.adapter:
-        widths = {leaf: min(i, o) for leaf, i, o, _ in arch.linears}
-        missing = sorted(set(cfg.lora_targets) - set(widths))
-        if missing:
-            raise ConfigError(f"lora_targets {', '.join(missing)} not found in {cfg.model}; "
-                              f"its Linear layers are: {', '.join(sorted(widths))}")
-        narrowest = min(widths[t] for t in cfg.lora_targets)
-        if cfg.lora_r > narrowest:
-            raise ConfigError(f"lora_r {cfg.lora_r} exceeds the narrowest targeted layer's width of {narrowest}")
 
 
 def quant_state_bytes(numel: int, double_quant: bool) -> int:
@@ -205,8 +189,10 @@ def activations(cfg: RunConfig, arch: Arch) -> dict:
 
 def estimate_bytes(cfg: RunConfig, arch: Arch | None = None, device_type: str | None = None) -> dict:
     """Every category at the estimated peak, the peak, and the phase it falls in."""
+    from qlora.preflight import preflight
+
+    cfg = preflight(cfg, device=False)  # the settings the architecture makes impossible; all-linear resolved
     arch = arch or read_arch(cfg)
-    check(cfg, arch)
     device_type = device_type or ("cuda" if cfg.device.startswith("cuda") else "cpu")
     st = static(cfg, arch)
     opt = optimizer_state(cfg, st, device_type)

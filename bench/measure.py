@@ -13,6 +13,7 @@ import torch
 from bench import record
 from bench.ledger import CATEGORIES, BudgetExceeded, Ledger
 from bench.probes import DeviceProbe, rss_anon_bytes
+from bench.runner import RunFailed, is_oom
 from qlora import models
 from qlora.build import build, count_trainable
 from qlora.config import ConfigError, RunConfig
@@ -25,12 +26,6 @@ def ledgered_step(model, optimizer, batch, device, budget: int | None = None) ->
     with ledger:
         train_step(model, optimizer, batch, on_phase=ledger.phase)
     return ledger
-
-
-def is_oom(e: BaseException) -> bool:
-    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
-        return True
-    return isinstance(e, RuntimeError) and "can't allocate memory" in str(e)  # torch's CPU allocator
 
 
 def measure_once(cfg: RunConfig, budget: int | None = None) -> dict:
@@ -100,24 +95,36 @@ def extrapolate(near: dict, far: dict, depth: int) -> dict:
     }
 
 
-def measure(cfg: RunConfig, run=None, budget: int | None = None) -> dict:
+def check(cfg: RunConfig) -> RunConfig:
+    """cfg checked before any work (qlora.preflight, and two depths to extrapolate from), targets resolved."""
+    from qlora.preflight import preflight
+
+    cfg = preflight(cfg)
+    if cfg.layers is not None and cfg.layers < models.hf_config(models.resolve(cfg.model)).num_hidden_layers:
+        if cfg.layers < 2:
+            raise ConfigError(f"layers must be >= 2 to extrapolate (two depths are fitted), got {cfg.layers}")
+    return cfg
+
+
+def in_this_process(fn, cfg: RunConfig, **kwargs):
+    return fn(cfg, **kwargs)
+
+
+def measure(cfg: RunConfig, run=in_this_process, budget: int | None = None) -> dict:
     """A result record for cfg: measured at full depth, or extrapolated when cfg.layers is below it.
 
-    `run(fn, cfg)` runs one measurement (default: in this process; the CLI passes a fresh-process runner).
+    `run(fn, cfg, **kwargs)` runs one measurement: in this process by default; the CLI and sweeps pass
+    `bench.runner.isolated` (a fresh process per depth, so the deeper model never shares memory with the first).
     Out-of-memory becomes a record with status "oom"; other failures status "error". Bad input raises ConfigError.
     """
-    from functools import partial
-
-    runner = run or (lambda fn, c: fn(c))
-    once = measure_once if budget is None else partial(measure_once, budget=budget)
+    cfg = check(cfg)  # bad input fails here, before any model is built; lora_targets resolved for the record
 
     def measure_at(c):  # every depth is measured under the same budget
-        return runner(once, c)
+        return run(measure_once, c, budget=budget)
+
     full_depth = models.hf_config(models.resolve(cfg.model)).num_hidden_layers
     env = record.environment(cfg.device)
     extrapolating = cfg.layers is not None and cfg.layers < full_depth
-    if extrapolating and cfg.layers < 2:
-        raise ConfigError(f"layers must be >= 2 to extrapolate (two depths are fitted), got {cfg.layers}")
     source = "extrapolated" if extrapolating else "measured"
     try:
         if not extrapolating:
@@ -138,8 +145,11 @@ def measure(cfg: RunConfig, run=None, budget: int | None = None) -> dict:
         raise
     except BaseException as e:  # an out-of-memory run is a result; any other failure is recorded with its message
         status = "oom" if is_oom(e) else "error"
-        message = (f"{type(e).__name__}: {e}".strip().splitlines() or [type(e).__name__])[0]
-        reached = {"oom_bytes": e.live} if isinstance(e, BudgetExceeded) else {}
+        if isinstance(e, RunFailed):  # it happened in the run's own process: the runner has classified it
+            message, reached = e.message, dict(e.extra)
+        else:
+            message = (f"{type(e).__name__}: {e}".strip().splitlines() or [type(e).__name__])[0]
+            reached = {"oom_bytes": e.live} if isinstance(e, BudgetExceeded) else {}
         return record.make(cfg.to_dict(), source=source, status=status, bytes_=None, error=message, env=env,
                            layers=full_depth, budget_bytes=budget, **reached)
     return record.make(

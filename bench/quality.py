@@ -176,7 +176,7 @@ def run(cfgs: list[RunConfig], task: Task, eval_examples: int, seeds: int, out: 
     runs_file = out / "quality-runs.jsonl" if out is not None else None
     done = {}
     if runs_file is not None and runs_file.exists():
-        for r in record.read(runs_file):
+        for r in record.read_objects(runs_file):
             done[(r["task"], r["heldout_digest"], json.dumps(r["config"], sort_keys=True),
                   (r.get("env") or {}).get("git_commit"))] = r
     base_by = next((c.method for c in cfgs if c.method in ("full", "lora")), None)
@@ -399,6 +399,9 @@ def prepare(spec: dict, device: str) -> QualityPlan:
             raise ConfigError(f"--{k.replace('_', '-')} must be an integer >= {least}, got {opts[k]!r}")
     lrs = parse_lr(spec.get("lr"), methods)
     source = models.resolve(spec["model"])
+    if source.kind == "hub":
+        raise ConfigError(f"model {spec['model']!r} is a hub id; quality runs need local weights with a tokenizer: "
+                          "smollm2-135m-instruct, or a directory of safetensors (download the model to one first)")
     if source.kind not in ("pretrained", "weights-dir"):
         raise ConfigError(f"model {spec['model']!r} has random weights; quality runs need a pretrained model with a "
                           "tokenizer (smollm2-135m-instruct, or a directory of safetensors)")
@@ -415,4 +418,29 @@ def prepare(spec: dict, device: str) -> QualityPlan:
                       lora_r=r, lora_alpha=2 * r if isinstance(r, int) else r, batch_size=opts["batch_size"],
                       seq_len=opts["seq_len"], steps=opts["steps"], seed=spec.get("seed", 0), device=device)
             for m in methods]
+    from qlora.preflight import preflight
+
+    cfgs = [preflight(c) for c in cfgs]  # the device, the sequence length and the rank, before any training
+    if spec.get("data"):
+        check_examples(task, cfgs[0])
     return QualityPlan(cfgs, task, opts["eval_examples"], opts["seeds"])
+
+
+def check_examples(task: Task, cfg: RunConfig) -> None:
+    """Every user example has a token to predict once tokenised (a one-token text has none: nothing to train on or
+    score). Raises ConfigError naming the example; checked before any training, not after it."""
+    from transformers import AutoTokenizer
+
+    from qlora import models
+    from qlora.config import ConfigError
+    from qlora.scoring import IGNORE, encode
+
+    source = models.resolve(cfg.model)
+    path = models.smollm2_dir() if source.kind == "pretrained" else source.path
+    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    for side, examples in (("training", task.train), ("held-out", task.heldout)):
+        for i, e in enumerate(examples):
+            enc = encode(tok, e.prompt, e.target, cfg.seq_len, None if e.kind == "text" else tok.eos_token_id)
+            if not any(label != IGNORE for label in enc.labels[1:]):  # the first token is never predicted
+                raise ConfigError(f"{side} example {i + 1} ({e.target[:40]!r}) has no token to predict after "
+                                  f"tokenising; a text example needs at least two tokens")

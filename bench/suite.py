@@ -4,10 +4,11 @@ estimated, and write a summary beside the results.
     no GPU  -> bench/plans/cpu-quick.toml   (about 15 minutes on 2 cores)
     CUDA    -> bench/plans/gpu-7b.toml      (about 30 minutes on an A100)
 
-Output goes to reports/bench/PLAN/DEVICE/ (results.jsonl, estimates.jsonl, summary.md, quality/, and report/ with the
-tables, charts and claims of `qlora-bench report`). Running again resumes: runs
-already recorded for the same config and stack (libraries, device, git commit) are not measured again (`--fresh`
-sets the old results aside); a later commit measures again.
+Output goes to results/PLAN/DEVICE/ by default, an untracked folder (results.jsonl, estimates.jsonl, summary.md,
+quality/, and report/ with the tables, charts and claims of `qlora-bench report`); the committed references under
+reports/bench/ are regenerated only with an explicit `--out`. Running again resumes: runs already recorded for the
+same config and stack (libraries, device, git commit) are not measured again, runs that ended in error are
+(`--fresh` sets the old results aside); a later commit measures again.
 """
 
 from __future__ import annotations
@@ -46,7 +47,9 @@ def default_out(plan: Path, device: str) -> Path:
     from bench.report import slug
 
     name = device_info(device)["name"] or device
-    return Path("reports") / "bench" / plan.stem / slug(name)
+    # An untracked folder (.gitignore): a user's run never replaces the committed reference results under
+    # reports/bench/, which are regenerated only by an explicit --out.
+    return Path("results") / plan.stem / slug(name)
 
 
 def estimate_for(cfg: RunConfig) -> dict:
@@ -75,15 +78,26 @@ def latest(records: list[dict]) -> list[dict]:
 
 
 def run(plan_path: Path, out: Path, *, device: str, budget_gib: float | None = None, timeout_s: float | None = None,
-        fresh: bool = False, log=print) -> str:
-    """Sweep the plan into OUT/results.jsonl, write OUT/estimates.jsonl and OUT/summary.md; return the summary."""
+        fresh: bool = False, dry_run: bool = False, log=print) -> str:
+    """Sweep the plan into OUT/results.jsonl, write OUT/estimates.jsonl and OUT/summary.md; return the summary.
+    With `dry_run`, check everything and say what would run, and write nothing."""
+    from qlora.preflight import preflight
+
     plan = read_plan(plan_path, device)
+    # Bad input fails here, before the first run: the runs, the estimates and the quality options.
+    sweep.checked_runs(plan_path, device)
+    for c in plan.estimates:
+        preflight(c, device=False)
+    qualities = [quality.prepare(spec, device) for spec in plan.quality]
+    if dry_run:
+        sweep.run(plan_path, out, device=device, budget_gib=budget_gib, dry_run=True, log=log)
+        log(f"would estimate {len(plan.estimates)} configuration(s) and run {len(qualities)} quality run(s)")
+        return ""
     results = out / "results.jsonl"
     if fresh and results.exists():
         kept = results.with_name(f"results-{record.now().replace(':', '')}.jsonl")
         results.rename(kept)
         log(f"--fresh: earlier results moved to {kept}")
-    qualities = [quality.prepare(spec, device) for spec in plan.quality]  # bad options fail before the first run
     sweep.run(plan_path, out, device=device, budget_gib=budget_gib, timeout_s=timeout_s, log=log)
     estimates = [estimate_for(c) for c in plan.estimates]
     record.write_atomic(out / "estimates.jsonl", "".join(json.dumps(e, allow_nan=False) + "\n" for e in estimates))

@@ -1,26 +1,27 @@
 """`qlora-bench sweep PLAN --out DIR`: every run of a plan in its own subprocess, one result record each.
 
 A crash, a time-out or an out-of-memory in one run cannot poison the next, and each starts with clean memory.
-Records are appended atomically to DIR/results.jsonl; running the same command again skips runs already recorded
-for the same config and stack (package versions, device and git commit), so a sweep interrupted even by kill -9 resumes
-without losing or duplicating runs.
+Every run is checked before the first starts. Records are appended atomically to DIR/results.jsonl; running the
+same command again skips runs already recorded `ok` or `oom` for the same config and stack (package versions, device
+and git commit) and runs `error` ones again, so a sweep interrupted even by kill -9 resumes without losing or
+duplicating runs. Two sweeps on one DIR share the work through a claim (lock file) per run.
 """
 
 from __future__ import annotations
 
+import fcntl
 import functools
+import hashlib
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
 
 from bench import record
 from bench.plan import PlannedRun, read_plan
+from bench.runner import isolated
 from qlora import models
 from qlora.config import ConfigError, RunConfig
 
@@ -50,26 +51,11 @@ def record_key(r: dict) -> str:
 
 
 def run_isolated(cfg: RunConfig, budget: int | None, timeout_s: float | None) -> dict:
-    """One measured run in a fresh Python process; whatever happens there comes back as a record."""
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")  # CPU RSS follows live memory (DESIGN.md)
-    cmd = [sys.executable, "-m", "bench.sweep", json.dumps(cfg.to_dict()), str(budget or 0)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
-    except subprocess.TimeoutExpired:
-        return failed(cfg, "error", f"timed out after {timeout_s:g} s", budget)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode == 0 and lines:
-        return json.loads(lines[-1])
-    if proc.returncode == -signal.SIGKILL:  # the kernel's OOM killer, most likely
-        return failed(cfg, "oom", "killed by SIGKILL (the machine ran out of memory?)", budget)
-    last = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
-    return failed(cfg, "error", last, budget)
+    """One run's record, each depth measured in its own fresh process (bench.runner): whatever happens there, a
+    kill -9 or the OOM killer included, comes back as a record."""
+    from bench.measure import measure
 
-
-def failed(cfg: RunConfig, status: str, message: str, budget: int | None) -> dict:
-    source = "extrapolated" if cfg.layers is not None else "measured"
-    return record.make(cfg.to_dict(), source=source, status=status, bytes_=None, error=message,
-                       env=record.environment(cfg.device), budget_bytes=budget)
+    return measure(cfg, run=functools.partial(isolated, timeout_s=timeout_s), budget=budget)
 
 
 def progress(done: int, total: int, elapsed: float, width: int = 24) -> str:
@@ -94,28 +80,97 @@ def outcome(r: dict) -> str:
 
 
 def run(plan: str | Path, out: str | Path, *, device: str, budget_gib: float | None = None,
-        timeout_s: float | None = None, log=print) -> list[dict]:
-    """Run every not-yet-recorded run of `plan`; returns the records of this invocation.
+        timeout_s: float | None = None, dry_run: bool = False, log=print) -> list[dict]:
+    """Run every run of `plan` not yet recorded in OUT/results.jsonl; returns the plan's records as they stand at
+    the end (one per planned run, plus fallbacks), so a caller can tell whether any ended in error.
 
-    A full-depth run that is oom, in a group with `oom_fallback_layers`, is followed by the same config at that
-    depth (extrapolated to full depth), so the report still has a breakdown; it records `fallback_for`.
+    Every run is checked before the first one starts (ConfigError names the bad value). A run recorded as `error`
+    (a time-out, a crash, a kill that was not the OOM killer) is run again; `ok` and `oom` are results and are
+    kept. A full-depth run that is oom, in a group with `oom_fallback_layers`, is followed by the same config at
+    that depth (extrapolated to full depth), so the report still has a breakdown; it records `fallback_for`.
+    Two sweeps on one OUT share the work: each run is claimed (a lock file) by the sweep that runs it.
     """
-    runs = read_plan(plan, device).runs
-    for name in sorted({r.config.model for r in runs}):  # fail before the first run, not in the middle
-        try:
-            models.resolve(name)
-        except ConfigError as e:
-            raise ConfigError(f"{plan}: key 'model': {e}") from None
-    results = Path(out) / "results.jsonl"
-    done = {record_key(r): r for r in record.read(results)} if results.exists() else {}
+    runs = checked_runs(plan, device)
+    out = Path(out)
+    results = out / "results.jsonl"
     here = stack(device)
     budget = int(budget_gib * GiB) if budget_gib is not None else None
 
     def key_of(cfg: RunConfig) -> str:
         return run_key(cfg.to_dict(), here, budget)
 
-    # A queue of (planned run, config to run, the oom record it is the fallback for). A finished run that was oom
-    # may still owe its fallback (the sweep was killed between the two): those come first.
+    def recorded() -> dict[str, dict]:
+        """Finished runs (ok or oom) in OUT, read afresh: another sweep may have added some."""
+        return {record_key(r): r for r in (record.read(results) if results.exists() else [])
+                if r["status"] != "error"}
+
+    done = recorded()
+    queue = owed(runs, done, key_of)
+    fresh = sum(parent is None for _, _, parent in queue)
+    retried = len({record_key(r) for r in _errors(results)} & {key_of(cfg) for _, cfg, _ in queue})
+    log(f"{len(runs)} runs in {plan}: {len(runs) - fresh} already recorded, {fresh} to run"
+        + (f" ({retried} recorded as error, run again)" if retried else "")
+        + (f", {len(queue) - fresh} reduced-depth fallback(s) owed" if len(queue) > fresh else ""))
+    if dry_run:
+        for _, cfg, _ in queue:
+            log(f"  would run: {describe(cfg)}")
+        return []
+    total, finished, started, deferred = len(queue), 0, time.monotonic(), []
+    while queue or deferred:
+        waiting = not queue  # only runs another sweep had claimed are left: wait for it to finish each
+        planned, cfg, parent = queue.pop(0) if queue else deferred.pop(0)
+        with claim(out, key_of(cfg), wait=waiting) as mine:
+            if not mine:
+                deferred.append((planned, cfg, parent))
+                continue
+            done = recorded()
+            r = done.get(key_of(cfg))
+            if r is None:
+                r = run_isolated(cfg, budget, timeout_s)
+                if parent is not None:
+                    r["fallback_for"] = parent["id"]
+                record.append(results, r)
+                if r["status"] != "error":
+                    done[key_of(cfg)] = r
+                how = outcome(r)
+            else:
+                how = "recorded by another sweep"
+        finished += 1
+        follow = fallback_of(planned, r) if parent is None else None
+        if follow is not None and key_of(follow) not in done:
+            queue.insert(0, (planned, follow, r))
+            total += 1
+        else:
+            follow = None
+        log(f"{progress(finished, total, time.monotonic() - started)}  {describe(cfg)}: {how}"
+            + (f" · next: the same at {follow.layers} layers" if follow is not None else ""))
+    latest = {record_key(r): r for r in record.read(results)} if results.exists() else {}
+    wanted = [key_of(r.config) for r in runs]
+    wanted += [key_of(f) for r in runs if (f := fallback_of(r, latest.get(key_of(r.config), {}))) is not None]
+    return [latest[k] for k in wanted if k in latest]
+
+
+def checked_runs(plan: str | Path, device: str) -> list[PlannedRun]:
+    """The plan's runs, each checked against its model and this machine (ConfigError names the run and value)."""
+    return [replace(r, config=_checked(plan, r.config)) for r in read_plan(plan, device).runs]
+
+
+def _checked(plan, cfg: RunConfig) -> RunConfig:
+    from bench.measure import check
+
+    try:
+        models.resolve(cfg.model)
+    except ConfigError as e:
+        raise ConfigError(f"{plan}: key 'model': {e}") from None
+    try:
+        return check(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{plan}: run {describe(cfg)}: {e}") from None
+
+
+def owed(runs: list[PlannedRun], done: dict[str, dict], key_of) -> list[tuple]:
+    """A queue of (planned run, config to run, the oom record it is the fallback for). A finished run that was oom
+    may still owe its fallback (the sweep was killed between the two): those come first."""
     queue = []
     for r in runs:
         prior = done.get(key_of(r.config))
@@ -124,32 +179,33 @@ def run(plan: str | Path, out: str | Path, *, device: str, budget_gib: float | N
         elif (follow := fallback_of(r, prior)) is not None and key_of(follow) not in done:
             queue.append((r, follow, prior))
     queue.sort(key=lambda item: item[2] is None)
-    fresh = sum(parent is None for _, _, parent in queue)
-    log(f"{len(runs)} runs in {plan}: {len(runs) - fresh} already recorded, {fresh} to run"
-        + (f", {len(queue) - fresh} reduced-depth fallback(s) owed" if len(queue) > fresh else ""))
-    total, new, started = len(queue), [], time.monotonic()
-    while queue:
-        planned, cfg, parent = queue.pop(0)
-        r = run_isolated(cfg, budget, timeout_s)
-        if parent is not None:
-            r["fallback_for"] = parent["id"]
-        record.append(results, r)
-        new.append(r)
-        done[key_of(cfg)] = r
-        follow = fallback_of(planned, r) if parent is None else None
-        if follow is not None and key_of(follow) not in done:
-            queue.insert(0, (planned, follow, r))
-            total += 1
-        else:
-            follow = None
-        log(f"{progress(len(new), total, time.monotonic() - started)}  {describe(cfg)}: {outcome(r)}"
-            + (f" · next: the same at {follow.layers} layers" if follow is not None else ""))
-    return new
+    return queue
+
+
+def _errors(results: Path) -> list[dict]:
+    return [r for r in record.read(results) if r["status"] == "error"] if results.exists() else []
+
+
+@contextmanager
+def claim(out: Path, key: str, *, wait: bool):
+    """Hold the claim on one run of OUT while running it; yields False if another sweep holds it (and not `wait`).
+
+    A lock file per run under OUT/.claims: the kernel drops an flock when its holder dies, even by kill -9, so a
+    claim never outlives the sweep that made it."""
+    folder = out / ".claims"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / (hashlib.sha1(key.encode()).hexdigest()[:20] + ".lock"), "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
 
 
 def fallback_of(planned: PlannedRun, r: dict) -> RunConfig | None:
     """The reduced-depth config owed after record r of a planned run, or None."""
-    if planned.fallback_layers is None or r["status"] != "oom" or planned.config.layers is not None:
+    if planned.fallback_layers is None or r.get("status") != "oom" or planned.config.layers is not None:
         return None
     if planned.fallback_layers >= depth(planned.config.model):  # nothing shallower to measure
         return None
@@ -159,15 +215,3 @@ def fallback_of(planned: PlannedRun, r: dict) -> RunConfig | None:
 @functools.cache
 def depth(model: str) -> int:
     return models.hf_config(models.resolve(model)).num_hidden_layers
-
-
-def _child(config_json: str, budget: str) -> None:
-    from bench.measure import measure
-
-    cfg = RunConfig.from_dict(json.loads(config_json))
-    r = measure(cfg, budget=int(budget) or None)
-    print(json.dumps(r, allow_nan=False), flush=True)
-
-
-if __name__ == "__main__":
-    _child(*sys.argv[1:3])

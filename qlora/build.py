@@ -29,31 +29,17 @@ def model_dtype(cfg: RunConfig) -> torch.dtype:
     return torch.float32 if cfg.precision == "fp32" else torch.bfloat16
 
 
-def resolve_device(name: str) -> torch.device:
-    dev = torch.device(name)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device {name!r} requested but CUDA is not available on this machine")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ConfigError(f"device {name!r} does not exist: {torch.cuda.device_count()} CUDA device(s)")
-    return dev
-
-
-def check_against_model(cfg: RunConfig, hf_cfg) -> None:
-    limit = getattr(hf_cfg, "max_position_embeddings", None)
-    if limit is not None and cfg.seq_len > limit:
-        raise ConfigError(f"seq_len {cfg.seq_len} exceeds the model's maximum of {limit} positions")
-
-
 def build(cfg: RunConfig) -> Built:
     """Build cfg's model on cfg.device, in training mode, with exactly the method's parameters trainable.
 
     Raises ConfigError for input the user can fix (unknown model, bad targets, seq_len too long, no CUDA).
     """
+    from qlora.preflight import preflight
+
+    cfg = preflight(cfg)  # lora_targets resolved (all-linear -> this architecture's names)
     source = models.resolve(cfg.model)
     hf_cfg = models.hf_config(source, cfg.layers)
-    check_against_model(cfg, hf_cfg)
-    device = resolve_device(cfg.device)
+    device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
     if source.random_weights:
         model, tokenizer = random_model(hf_cfg, cfg, device), None
@@ -133,20 +119,10 @@ def pretrained_model(source: models.ModelSource, hf_cfg, cfg: RunConfig, device:
     return model, tokenizer
 
 
-def linear_leaf_names(model: nn.Module) -> set[str]:
-    """Last name component of every Linear (16- or 4-bit) in the model: what LoRA can target."""
-    return {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-
-
 def add_lora(model: nn.Module, cfg: RunConfig) -> nn.Module:
-    """Freeze the base and add LoRA adapters to cfg.lora_targets, in the trainable dtype."""
+    """Freeze the base and add LoRA adapters to cfg.lora_targets (resolved by preflight), in the trainable dtype."""
     from peft import LoraConfig, get_peft_model
 
-    available = linear_leaf_names(model) - set(quantize.KEEP_UNQUANTISED)
-    missing = sorted(set(cfg.lora_targets) - available)
-    if missing:
-        raise ConfigError(f"lora_targets {', '.join(missing)} not found in {cfg.model}; "
-                          f"its Linear layers are: {', '.join(sorted(available))}")
     for p in model.parameters():
         p.requires_grad_(False)
     lora = LoraConfig(

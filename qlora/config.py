@@ -6,6 +6,7 @@ goes into every result record.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Literal, get_args
 
@@ -23,6 +24,10 @@ Attention = Literal["sdpa", "eager"]
 # All seven projections of a Llama/Mistral/Qwen2 block: the QLoRA paper's finding is that adapting every linear
 # layer is what closes the gap to full fine-tuning.
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The default targets, in PEFT's spelling: every Linear of the decoder layers (not lm_head), whatever the
+# architecture calls them (Phi-3 fuses them: qkv_proj, gate_up_proj). Resolved per architecture before a run
+# (`expand_targets`), and recorded as the resolved list; for Llama-family blocks it is LLAMA_TARGETS.
+ALL_LINEAR = "all-linear"
 
 
 class ConfigError(ValueError):
@@ -33,6 +38,11 @@ def _choice(name: str, value, literal) -> None:
     allowed = get_args(literal)
     if value not in allowed:
         raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _number(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
 
 
 def _positive(name: str, value, *, allow_none: bool = False) -> None:
@@ -56,7 +66,7 @@ class RunConfig:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
-    lora_targets: tuple[str, ...] = LLAMA_TARGETS
+    lora_targets: tuple[str, ...] = (ALL_LINEAR,)
     optimizer: Optimizer = "adamw"
     lr: float | None = None  # None: the method's default (see default_lr)
     precision: Precision = "bf16"
@@ -81,13 +91,23 @@ class RunConfig:
         for name in ("lora_r", "lora_alpha", "batch_size", "seq_len", "steps"):
             _positive(name, getattr(self, name))
         _positive("layers", self.layers, allow_none=True)
+        for name in ("double_quant", "grad_checkpointing"):  # a plan's "yes" or 1 must not pass as a flag
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"seed must be an integer >= 0, got {self.seed!r}")
+        _number("lora_dropout", self.lora_dropout)
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        if isinstance(self.lora_targets, str) or not self.lora_targets:
-            raise ConfigError(f"lora_targets must be a non-empty tuple of module names, got {self.lora_targets!r}")
-        if self.lr is not None and not self.lr > 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr!r}")
-        if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
+        if (isinstance(self.lora_targets, str) or not self.lora_targets
+                or not all(isinstance(t, str) and t.strip() for t in self.lora_targets)):
+            raise ConfigError(f"lora_targets must be a non-empty list of module names, got {self.lora_targets!r}")
+        if self.lr is not None:
+            _number("lr", self.lr)
+            if not self.lr > 0:
+                raise ConfigError(f"lr must be > 0, got {self.lr!r}")
+        if not isinstance(self.device, str) or not (
+                self.device in ("cpu", "cuda") or (self.device.startswith("cuda:") and self.device[5:].isdigit())):
             raise ConfigError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
         if self.optimizer == "paged_adamw8bit" and not self.device.startswith("cuda"):
             raise ConfigError(
@@ -119,9 +139,22 @@ class RunConfig:
         if unknown:
             raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
         d = dict(d)
-        if "lora_targets" in d:
+        if isinstance(d.get("lora_targets"), list):  # JSON and TOML give lists; anything else fails validation
             d["lora_targets"] = tuple(d["lora_targets"])
         return cls(**d)
+
+
+def expand_targets(targets: tuple[str, ...], linears: list[str], model: str) -> tuple[str, ...]:
+    """`targets` with ALL_LINEAR replaced by `linears` (a decoder layer's Linear names, in module order); raises
+    ConfigError naming any target the architecture does not have."""
+    out = []
+    for t in targets:
+        out += linears if t == ALL_LINEAR else [t]
+    missing = sorted(set(out) - set(linears))
+    if missing:
+        raise ConfigError(f"lora_targets {', '.join(missing)} not found in {model}; "
+                          f"its decoder layers' Linear layers are: {', '.join(linears)} (or {ALL_LINEAR})")
+    return tuple(dict.fromkeys(out))
 
 
 def default_lr(method: str) -> float:

@@ -177,7 +177,7 @@ def test_seq_len_above_model_maximum(tiny):
 def test_cuda_without_cuda_is_bad_input(tiny):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    with pytest.raises(ConfigError, match="CUDA is not available"):
+    with pytest.raises(ConfigError, match="no CUDA device is available"):
         build(tiny(device="cuda"))
 
 

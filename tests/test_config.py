@@ -17,7 +17,7 @@ from qlora.config import ConfigError, RunConfig
         ({"lora_dropout": 1.0}, "lora_dropout must be in [0, 1), got 1.0"),
         ({"device": "tpu"}, "device must be cpu, cuda or cuda:N, got 'tpu'"),
         ({"layers": 0}, "layers must be an integer > 0, got 0"),
-        ({"lora_targets": ()}, "lora_targets must be a non-empty tuple"),
+        ({"lora_targets": ()}, "lora_targets must be a non-empty list"),
         ({"optimizer": "paged_adamw8bit"}, "needs a CUDA device; got device 'cpu'"),
     ],
 )

@@ -148,7 +148,7 @@ def test_record_carries_the_contract_fields(tiny):
 def test_out_of_memory_is_a_result(tiny, monkeypatch):
     import bench.measure as m
 
-    def boom(cfg):
+    def boom(cfg, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(m, "measure_once", boom)

@@ -206,7 +206,11 @@ def test_default_plan_follows_the_hardware():
     assert default_plan("cpu").name == "cpu-quick.toml" and default_plan("cuda:0").name == "gpu-7b.toml"
     assert resolve_plan("gpu-7b") == default_plan("cuda")
     out = default_out(default_plan("cpu"), "cpu")
-    assert out.parts[:3] == ("reports", "bench", "cpu-quick") and out.name
+    # An untracked folder: a user's run never writes over the committed references in reports/
+    assert out.parts[:2] == ("results", "cpu-quick") and out.name
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(out / "results.jsonl")],
+                             cwd=Path(__file__).parent.parent)
+    assert ignored.returncode == 0, f"{out} is not ignored by git"
 
 
 @pytest.mark.slow
