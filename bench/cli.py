@@ -363,7 +363,6 @@ def cmd_bench(args) -> int:
     plan = suite.resolve_plan(args.plan) if args.plan else suite.default_plan(device)
     out = Path(args.out) if args.out else suite.default_out(plan, device)
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
-    log(f"plan {plan} on {device}; results in {out}/")
     text = suite.run(plan, out, device=device, budget_gib=args.budget_gib, timeout_s=args.timeout_s,
                      fresh=args.fresh, dry_run=args.dry_run, log=log)
     if args.dry_run:

@@ -52,6 +52,8 @@ class Plan:
 
 def _matrix(path: Path, table: str, i: int, group: dict, device: str) -> list[RunConfig]:
     where = f"{path}: {table} {i + 1}"
+    if "model" not in group:  # an empty table would silently be one run of the defaults (the tiny test model)
+        raise ConfigError(f"{where} has no 'model' key" + (" (the table is empty)" if not group else ""))
     keys = sorted(group)
     for k in keys:
         if not isinstance(group[k], list) or not group[k]:

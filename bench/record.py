@@ -100,7 +100,9 @@ def make(config: dict, *, source: str, status: str, bytes_: dict | None, device_
 
 
 def append(path: str | Path, record: dict) -> None:
-    """Append one record as a JSON line, atomically: readers see the old file or the new one, never half a line."""
+    """Append one record as a JSON line, atomically: readers see the old file or the new one, never half a line.
+    A record that is not valid JSON (NaN, infinity, an object JSON cannot hold) raises before anything is written."""
+    line = json.dumps(record, allow_nan=False).encode() + b"\n"
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = os.open(path.parent, os.O_RDONLY)  # writers of one folder take turns; no lock file left behind
@@ -109,11 +111,7 @@ def append(path: str | Path, record: dict) -> None:
         old = path.read_bytes() if path.exists() else b""
         if old and not old.endswith(b"\n"):
             old += b"\n"
-        with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, prefix=f".{path.name}.") as tmp:
-            tmp.write(old + json.dumps(record, allow_nan=False).encode() + b"\n")
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp.name, path)
+        _replace(path, old + line)
     finally:
         os.close(lock)
 
@@ -122,11 +120,24 @@ def write_atomic(path: str | Path, text: str) -> None:
     """Replace a whole file at once: readers (and a run killed mid-write) see the old text or the new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, prefix=f".{path.name}.") as tmp:
-        tmp.write(text)
-        tmp.flush()
-        os.fsync(tmp.fileno())
-    os.replace(tmp.name, path)
+    _replace(path, text.encode())
+
+
+def _replace(path: Path, data: bytes) -> None:
+    """Write data to a temporary file beside path, then rename it over path; no temporary survives a failure."""
+    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, prefix=f".{path.name}.") as tmp:
+        try:
+            tmp.write(data)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        except BaseException:
+            os.unlink(tmp.name)
+            raise
+    try:
+        os.replace(tmp.name, path)
+    except BaseException:
+        os.unlink(tmp.name)
+        raise
 
 
 def read(path: str | Path) -> list[dict]:

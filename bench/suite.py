@@ -89,6 +89,7 @@ def run(plan_path: Path, out: Path, *, device: str, budget_gib: float | None = N
     for c in plan.estimates:
         preflight(c, device=False)
     qualities = [quality.prepare(spec, device) for spec in plan.quality]
+    log(f"plan {plan_path} on {device}; results in {out}/")
     if dry_run:
         sweep.run(plan_path, out, device=device, budget_gib=budget_gib, dry_run=True, log=log)
         log(f"would estimate {len(plan.estimates)} configuration(s) and run {len(qualities)} quality run(s)")

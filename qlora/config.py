@@ -34,6 +34,12 @@ class ConfigError(ValueError):
     """Bad user input. The CLI turns it into exit code 2 with its one-line message."""
 
 
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line, at most `limit` characters: what a one-line error can quote."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _choice(name: str, value, literal) -> None:
     allowed = get_args(literal)
     if value not in allowed:

@@ -27,6 +27,8 @@ def decoder_linears(model: str) -> tuple[tuple[str, int], ...]:
     try:
         meta = models.meta_model(hf)
         layer = meta.get_decoder().layers[0]
+    except ConfigError:
+        raise
     except Exception as e:  # noqa: BLE001 - transformers rejects the config in its own words
         raise ConfigError(f"model {model!r}: transformers cannot build it: {str(e).splitlines()[0]}") from None
     seen: dict[str, int] = {}
