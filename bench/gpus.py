@@ -4,7 +4,10 @@ Capacities are the totals `nvidia-smi` reports for each card (MiB). What a train
 - the CUDA context (driver, kernels, cuBLAS workspace) takes about 0.5 GiB that no tensor accounting sees;
 - the caching allocator rounds blocks and fragments, so reserved memory runs ahead of live tensors; we keep 5% of
   the peak in reserve.
-Both are assumptions until calibrated on the device (a measured record's nvml_used vs cuda_max_allocated).
+Both are assumptions, not measurements: no GPU record exists yet. A CUDA record carries what calibrates them
+(`cuda_total_bytes` and `cuda_free_step_start` from mem_get_info, `nvml_process_used` less `cuda_max_reserved` for
+the context, `cuda_max_reserved` over `cuda_max_allocated` for the reserve); `python -m bench.gpu_smoke` reports
+them.
 """
 
 from __future__ import annotations

@@ -6,7 +6,9 @@ tensors included. At the peak the live records are sorted into DESIGN.md's categ
 
 Blind spots (cross-check with the device probes): memory allocated inside a kernel or custom op (bitsandbytes'
 gemm_4bit dequantises a whole weight internally), storage `resize_`, and tensors not produced by an op (a few
-tiny scalars). Under a Python dispatch mode `torch.compile` runs eager code.
+tiny scalars). Under a Python dispatch mode `torch.compile` runs eager code. bitsandbytes' paged optimizer state is
+CUDA managed memory that torch sees as CPU tensors (`is_paged`): on CUDA the ledger counts it under `optimizer` and
+reports it apart (`paged_bytes`), since torch's allocator figures never include it.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class Rec:
     died: int | None = None
     tag: str | None = None  # a static category, once the tensor is known to be one
     saved: bool = False  # kept by autograd for backward
+    paged: bool = False  # CUDA managed memory (bitsandbytes' paged optimizer state), which the allocator never sees
     recomputed: bool = False  # created by activation checkpointing's recomputation during backward
 
     @property
@@ -54,6 +57,10 @@ class Rec:
         if self.saved or self.recomputed:
             return "activations"
         return "other"
+
+
+def _paged(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and bool(getattr(t, "is_paged", False))
 
 
 def _key(t: torch.Tensor) -> int:
@@ -104,15 +111,23 @@ class Ledger(TorchDispatchMode):
         self._finalizers: list[weakref.finalize] = []
 
     # ---- what is live --------------------------------------------------------------------------------------
+    def _follows(self, t) -> bool:
+        """Whether t's memory is this device's: its own tensors, and on CUDA bitsandbytes' paged optimizer state,
+        which is CUDA managed memory that torch sees as a CPU tensor flagged `is_paged`."""
+        if not isinstance(t, torch.Tensor) or t.is_meta:
+            return False
+        return t.device == self.device or (self.device.type == "cuda" and _paged(t))
+
     def _track(self, t: torch.Tensor, tag: str | None = None) -> Rec | None:
-        if not isinstance(t, torch.Tensor) or t.device != self.device or t.is_meta:
+        if not self._follows(t):
             return None
         st = t.untyped_storage()
         key = id(st)
         rec = self.records.get(key)
         if rec is None:
             self.events += 1
-            rec = Rec(st.nbytes(), self.events, recomputed=self._in_recompute())
+            rec = Rec(st.nbytes(), self.events, recomputed=self._in_recompute(),
+                      paged=t.device != self.device)
             self.records[key] = rec
             self.all.append(rec)
             self._finalizers.append(weakref.finalize(st, self._freed, key))
@@ -211,6 +226,11 @@ class Ledger(TorchDispatchMode):
             out[rec.category] += rec.nbytes
         out["peak"] = sum(out.values())
         return out
+
+    def paged_bytes(self) -> int:
+        """Bytes among the storages live at the peak that are CUDA managed memory (paged optimizer state): counted
+        in their category, but invisible to torch's caching allocator (cuda_max_allocated)."""
+        return sum(rec.nbytes for rec in self.peak_live if rec.paged)
 
     def categories_at(self, phase: str) -> dict[str, int]:
         """Bytes per category live as the step entered `phase` (e.g. "optimizer": all gradients exist)."""

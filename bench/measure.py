@@ -4,6 +4,7 @@ ledger with the device probes around it. `--layers N` measures two reduced depth
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import replace
@@ -17,7 +18,7 @@ from bench.runner import RunFailed, is_oom
 from qlora import models
 from qlora.build import build, count_trainable
 from qlora.config import ConfigError, RunConfig
-from qlora.optim import make_optimizer
+from qlora.optim import implementation, make_optimizer
 from qlora.train import sync, train_step
 
 
@@ -41,11 +42,12 @@ def measure_once(cfg: RunConfig, budget: int | None = None) -> dict:
 
     # The first step allocates optimizer state (often the run's real peak), so it is the one held to the budget.
     first = ledgered_step(built.model, optimizer, batch, device, budget)
-    times = []
+    times, losses = [], []
     for _ in range(cfg.steps):
         sync(device)
         t0 = time.perf_counter()
-        train_step(built.model, optimizer, batch)
+        loss = train_step(built.model, optimizer, batch)
+        losses.append(loss if math.isfinite(loss) else None)  # JSON has no NaN: a diverged step is null
         sync(device)
         times.append(time.perf_counter() - t0)
     probe = DeviceProbe(device)
@@ -69,6 +71,11 @@ def measure_once(cfg: RunConfig, budget: int | None = None) -> dict:
         "tokens_per_second": batch.numel() / step_seconds,
         "trainable_parameters": count_trainable(built.model),
         "layers": built.hf_config.num_hidden_layers,
+        "optimizer_impl": implementation(optimizer),
+        # the timed steps' losses, on one repeated batch: finite and falling, or the run trained on garbage
+        "train_losses": losses,
+        # paged optimizer state (CUDA managed memory): in `optimizer`, but never in the allocator's figures
+        "optimizer_paged_bytes": ledger.paged_bytes(),
     }
 
 
@@ -131,7 +138,8 @@ def measure(cfg: RunConfig, run=in_this_process, budget: int | None = None) -> d
             raw = measure_at(cfg)
             fields = {k: raw[k] for k in ("bytes", "first_step", "step_seconds", "tokens_per_second")}
             figures = raw["device_figures"]
-            extra = {k: raw[k] for k in ("rss_anon_baseline", "rss_anon_step_start", "ledger_step_start")}
+            extra = {k: raw[k] for k in ("rss_anon_baseline", "rss_anon_step_start", "ledger_step_start",
+                                         "optimizer_paged_bytes", "train_losses")}
         else:
             near = measure_at(replace(cfg, layers=cfg.layers // 2))
             raw = measure_at(cfg)
@@ -156,11 +164,11 @@ def measure(cfg: RunConfig, run=in_this_process, budget: int | None = None) -> d
         cfg.to_dict(), source=source, status="ok", bytes_=fields["bytes"], device_figures=figures,
         step_seconds=fields["step_seconds"], tokens_per_second=fields["tokens_per_second"], env=env,
         layers=full_depth, budget_bytes=budget, trainable_parameters=raw["trainable_parameters"],
-        peak_at=raw["peak_at"],
+        optimizer_impl=raw["optimizer_impl"], peak_at=raw["peak_at"],
         first_step=fields["first_step"], timeline=raw["timeline"], **extra,
     )
 
 
 def _depth_summary(raw: dict) -> dict:
     return {"layers": raw["layers"], "bytes": raw["bytes"], "peak_at": raw["peak_at"],
-            "step_seconds": raw["step_seconds"], **raw["device_figures"]}
+            "step_seconds": raw["step_seconds"], "train_losses": raw["train_losses"], **raw["device_figures"]}

@@ -59,8 +59,11 @@ class PeakRssAnon:
 class DeviceProbe:
     """The device's own memory figures around a measured step; fields are None where they do not apply.
 
-    CUDA: the torch allocator's max allocated / max reserved (reset at `start()`), and NVML's used memory for the
-    whole device (includes the CUDA context and other processes). CPU: peak anonymous RSS of this process.
+    CUDA: `start()` first gives the step a clean baseline (garbage collected, the allocator's cache emptied, peaks
+    reset) and notes what is allocated then; `stop()` reads the torch allocator's max allocated / max reserved since,
+    and NVML's used memory on the device torch means (found by UUID: NVML's own indices are physical cards, not
+    CUDA_VISIBLE_DEVICES' order), for the whole device at start and end and, where NVML can tell, for this process
+    alone (which includes its CUDA context). CPU: peak anonymous RSS of this process.
     """
 
     def __init__(self, device):
@@ -69,13 +72,24 @@ class DeviceProbe:
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self._rss: PeakRssAnon | None = None
+        self._start: dict = {}
 
     def start(self) -> None:
+        import gc
+
         import torch
 
         if self.cuda:
+            gc.collect()  # models kept alive by reference cycles (Params4bit.module) go before the baseline
             torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
+            free, total = torch.cuda.mem_get_info(self.device)
+            # What CUDA itself says the card holds and has free (not nvidia-smi's marketing total): the figures
+            # the fit planner's capacity and context assumptions are to be calibrated against.
+            self._start = {"cuda_allocated_step_start": torch.cuda.memory_allocated(self.device),
+                           "nvml_used_step_start": nvml_used(self.device),
+                           "cuda_total_bytes": int(total), "cuda_free_step_start": int(free)}
         else:
             self._rss = PeakRssAnon().__enter__()
 
@@ -88,26 +102,62 @@ class DeviceProbe:
             out["cuda_max_allocated"] = torch.cuda.max_memory_allocated(self.device)
             out["cuda_max_reserved"] = torch.cuda.max_memory_reserved(self.device)
             out["nvml_used"] = nvml_used(self.device)
+            out["nvml_process_used"] = nvml_process_used(self.device)
+            out.update(self._start)
         elif self._rss is not None:
             self._rss.__exit__(None, None, None)
             out["rss_anon_peak"] = self._rss.peak
         return out
 
 
-def nvml_used(device) -> int | None:
-    """Bytes in use on the whole device according to NVML, or None without NVML (no driver, no GPU)."""
+def _nvml_handle(pynvml, device):
+    """NVML's handle for the card torch calls `device`, by UUID; by index only when both see exactly one card."""
+    import torch
+
+    uuid = getattr(torch.cuda.get_device_properties(device), "uuid", None)
+    if uuid is not None:
+        text = str(uuid)
+        text = text if text.startswith(("GPU-", "MIG-")) else f"GPU-{text}"
+        try:
+            return pynvml.nvmlDeviceGetHandleByUUID(text)
+        except pynvml.NVMLError:
+            pass
+    if torch.cuda.device_count() == 1 and pynvml.nvmlDeviceGetCount() == 1:
+        return pynvml.nvmlDeviceGetHandleByIndex(0)
+    return None  # never guess: NVML's index N is not torch's device N under CUDA_VISIBLE_DEVICES
+
+
+def _with_nvml(device, read):
     try:
         import pynvml
 
         pynvml.nvmlInit()
         try:
-            index = device.index if device.index is not None else 0
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            return int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
+            handle = _nvml_handle(pynvml, device)
+            return None if handle is None else read(pynvml, handle)
         finally:
             pynvml.nvmlShutdown()
     except Exception:  # NVMLError_LibraryNotFound and friends: no NVML here
         return None
+
+
+def nvml_used(device) -> int | None:
+    """Bytes in use on the whole device torch calls `device` (other processes included), or None without NVML."""
+    return _with_nvml(device, lambda nv, h: int(nv.nvmlDeviceGetMemoryInfo(h).used))
+
+
+def nvml_process_used(device) -> int | None:
+    """Bytes this process uses on the device according to NVML (its CUDA context included), or None where NVML
+    cannot tell (no NVML, or a container whose process ids NVML does not see)."""
+    import os
+
+    def read(nv, h):
+        for proc in nv.nvmlDeviceGetComputeRunningProcesses(h):
+            if proc.pid == os.getpid() and proc.usedGpuMemory is not None:
+                return int(proc.usedGpuMemory)
+        return None
+
+    return _with_nvml(device, read)
 
 
 def device_info(device) -> dict:

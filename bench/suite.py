@@ -81,6 +81,7 @@ def run(plan_path: Path, out: Path, *, device: str, budget_gib: float | None = N
         fresh: bool = False, dry_run: bool = False, log=print) -> str:
     """Sweep the plan into OUT/results.jsonl, write OUT/estimates.jsonl and OUT/summary.md; return the summary.
     With `dry_run`, check everything and say what would run, and write nothing."""
+    from qlora.assets import AssetError
     from qlora.preflight import preflight
 
     plan = read_plan(plan_path, device)
@@ -88,7 +89,14 @@ def run(plan_path: Path, out: Path, *, device: str, budget_gib: float | None = N
     sweep.checked_runs(plan_path, device)
     for c in plan.estimates:
         preflight(c, device=False)
-    qualities = [quality.prepare(spec, device) for spec in plan.quality]
+    qualities, skipped = [], []
+    for spec in plan.quality:
+        try:
+            qualities.append(quality.prepare(spec, device))
+        except AssetError as e:  # no network and no cached wheel (a lent GPU): measure what can be, say what not
+            skipped.append(f"quality {spec.get('task') or spec.get('data') or 'sentiment'} on {spec['model']}: "
+                           f"skipped, {e}")
+            log(skipped[-1])
     log(f"plan {plan_path} on {device}; results in {out}/")
     if dry_run:
         sweep.run(plan_path, out, device=device, budget_gib=budget_gib, dry_run=True, log=log)
@@ -109,7 +117,7 @@ def run(plan_path: Path, out: Path, *, device: str, budget_gib: float | None = N
         scored += quality.run(q.configs, q.task, q.eval_examples, q.seeds, out / "quality", log=log)
     if scored:
         quality.save(out / "quality", scored)
-    text = summary(plan, latest(record.read(results)), estimates, scored)
+    text = summary(plan, latest(record.read(results)), estimates, scored, skipped)
     record.write_atomic(out / "summary.md", text)
     from bench import report
 
@@ -133,7 +141,8 @@ def _source(r: dict) -> str:
     return r["source"]
 
 
-def summary(plan: Plan, runs: list[dict], estimates: list[dict], scored: list[dict] | None = None) -> str:
+def summary(plan: Plan, runs: list[dict], estimates: list[dict], scored: list[dict] | None = None,
+            skipped: list[str] = ()) -> str:
     """A Markdown summary: every run's categories at its peak, with the estimate beside it, then the estimates."""
     envs = [r["env"] for r in runs if r.get("env")]
     lines = [f"# qlora-bench: `{plan.path.name}`", ""]
@@ -168,6 +177,8 @@ def summary(plan: Plan, runs: list[dict], estimates: list[dict], scored: list[di
             lines.append(f"| {c['model']} | {c['method']} | {_shape(c)} | {'on' if c['grad_checkpointing'] else 'off'}"
                          f" | {_gib(b['peak'])} | " + " | ".join(_gib(b[k]) for k in CATEGORIES)
                          + f" | {e['peak_at']['phase']} | {room} |")
+    if skipped:
+        lines += ["", "## Skipped", "", *(f"- {line}" for line in skipped)]
     if scored:
         body = quality.markdown(scored).split("\n", 1)[1].replace("\n## ", "\n### ")
         lines += ["", "## Quality (same-budget fine-tunes, held-out examples)", body.rstrip()]

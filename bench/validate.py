@@ -37,13 +37,14 @@ def compare(measured: dict, estimated: dict) -> dict:
 
 def run(plan: str | Path, out: str | Path, measure_fn) -> list[dict]:
     """Measure (skipping rows already in OUT/measured.jsonl) and estimate each row; write the comparison."""
-    from bench.measure import measure
+    from bench.measure import check, measure
 
+    configs = [check(cfg) for cfg in load_plan(plan)]  # every row checked before the first is measured
     out = Path(out)
     measured_file = out / "measured.jsonl"
     done = {key(r["config"]): r for r in record.read(measured_file)} if measured_file.exists() else {}
     rows, estimates = [], []
-    for cfg in load_plan(plan):
+    for cfg in configs:
         m = done.get(key(cfg.to_dict()))
         if m is None:
             m = measure(cfg, run=measure_fn)

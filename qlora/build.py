@@ -53,11 +53,20 @@ def build(cfg: RunConfig) -> Built:
         for p in model.parameters():
             p.requires_grad_(True)
     if cfg.grad_checkpointing:
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        # Non-reentrant checkpointing needs no input that requires grad, so frozen embeddings are fine.
-        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model.get_base_model() if hasattr(model, "get_base_model") else model)
     model.train()
     return Built(model, hf_cfg, source, tokenizer)
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer's activations in backward, with whichever name this transformers has:
+    `activation_checkpointing_enable` (5.24 on) or the older `gradient_checkpointing_enable` (earlier 5.x, and
+    the GPU machine's 5.17). Non-reentrant: it needs no input that requires grad, so frozen embeddings are fine."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _materialise_(module: nn.Module, device: torch.device, init) -> None:
@@ -84,11 +93,36 @@ def random_model(hf_cfg, cfg: RunConfig, device: torch.device) -> nn.Module:
             if id(m) not in in_layers and any(t.is_meta for t in direct):
                 m.to_empty(device=device, recurse=False)
                 model._init_weights(m)
+    reset_rotary_(model)
     model.tie_weights()
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftover:
         raise RuntimeError(f"random build left tensors on the meta device: {leftover[:5]}")
     return model
+
+
+@torch.no_grad()
+def reset_rotary_(model: nn.Module) -> None:
+    """Recompute every rotary embedding's inverse frequencies from its config, in place.
+
+    A random build gives buffers uninitialised memory (`to_empty`). On CPU that is zeroed pages, and transformers'
+    `_init_weights` refills rotary buffers in the versions seen so far; on CUDA a reused allocator block holds old
+    data, so a version whose `_init_weights` skips them would train on garbage frequencies (NaN losses). Computing
+    them here does not depend on either."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    for m in model.modules():
+        inv_freq = getattr(m, "inv_freq", None)
+        if not isinstance(inv_freq, torch.Tensor) or getattr(m, "config", None) is None:
+            continue
+        init = getattr(m, "rope_init_fn", None)  # older transformers keep the function on the module
+        if init is None:
+            kind = getattr(m, "rope_type", "default")
+            init = m.compute_default_rope_parameters if kind == "default" else ROPE_INIT_FUNCTIONS[kind]
+        fresh, m.attention_scaling = init(m.config, device=torch.device("cpu"))
+        inv_freq.copy_(fresh)
+        if isinstance(getattr(m, "original_inv_freq", None), torch.Tensor):
+            m.original_inv_freq.copy_(fresh)
 
 
 def pretrained_model(source: models.ModelSource, hf_cfg, cfg: RunConfig, device: torch.device):

@@ -68,6 +68,24 @@ def make_optimizer(cfg: RunConfig, model: nn.Module):
     return _inner(cfg, params)
 
 
+def implementation(opt) -> str:
+    """Which AdamW implementation a step of `opt` runs: "fused", "foreach" or "for-loop" for torch's AdamW (left to
+    torch, it picks foreach on CUDA and the for-loop on CPU, and foreach allocates temporaries as large as all the
+    parameters it updates: the peak depends on it), "bitsandbytes" for the 8-bit and paged ones."""
+    inner = opt.inner if isinstance(opt, MasterWeightOptimizer) else opt
+    if not isinstance(inner, torch.optim.AdamW):
+        return "bitsandbytes"
+    if inner.defaults.get("fused"):
+        return "fused"
+    foreach = inner.defaults.get("foreach")
+    if foreach is None:  # torch decides per step from the parameters' devices, as its own step() does
+        from torch.optim.optimizer import _default_to_fused_or_foreach
+
+        params = [p for g in inner.param_groups for p in g["params"]]
+        foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)[1]
+    return "foreach" if foreach else "for-loop"
+
+
 def optimizer_state_tensors(opt) -> list[torch.Tensor]:
     """Every tensor the optimizer holds as state (moments, 8-bit quantisation constants, fp32 masters)."""
     if isinstance(opt, MasterWeightOptimizer):

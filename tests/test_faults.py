@@ -84,6 +84,7 @@ MATRIX = [
      "is a directory"),
     ("--out is a file (sweep)", ["sweep", "{tmp}/good.toml", "--out", "{tmp}/a-file", "--device", "cpu"], 2,
      "is a file"),
+    ("--out is a file (report)", ["report", "{tmp}/method.jsonl", "--out", "{tmp}/a-file"], 2, "is a file"),
     ("--lr inf", ["measure", "tiny-llama", "--lr", "inf", "--device", "cpu"], 2, "lr must be a finite number"),
     ("--lora-r above a layer's width (measure)", ["measure", "tiny-llama", "--lora-r", "4096", "--device", "cpu"],
      2, "lora_r 4096 exceeds the narrowest targeted layer's width"),

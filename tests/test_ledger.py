@@ -156,11 +156,23 @@ def test_out_of_memory_is_a_result(tiny, monkeypatch):
     assert r["status"] == "oom" and "Tried to allocate" in r["error"] and r["bytes"] is None
 
 
+# What the CUDA allocator holds that no tensor of the step does: cuBLAS/cuBLASLt workspaces (tens of MiB per handle
+# and stream; forward and autograd's backward thread each have one) and buffers allocated inside kernels
+# (bitsandbytes' dequantised weight: at SmolLM2's width, under 2 MiB). An allowance, not a measurement: the GPU smoke
+# records the real gaps.
+WORKSPACE_ALLOWANCE = 160 * 2**20
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("method", ["full", "lora", "qlora"])
 def test_ledger_peak_matches_the_cuda_allocator(tiny, method):
+    """The allocator's peak, less what it held at the step's start that the ledger did not (blocks of earlier steps
+    kept alive, models held by reference cycles), is the ledger's peak within 2% and the workspace allowance."""
     r = measure(tiny(method=method, device="cuda", model="smollm2-135m", seq_len=256, steps=1))
-    assert r["bytes"]["peak"] == pytest.approx(r["cuda_max_allocated"], rel=0.02)
+    peak = r["bytes"]["peak"]
+    untracked_at_start = r["cuda_allocated_step_start"] - r["ledger_step_start"]
+    corrected = r["cuda_max_allocated"] - untracked_at_start
+    assert -0.02 * peak <= corrected - peak <= 0.02 * peak + WORKSPACE_ALLOWANCE, (corrected, peak)
 
 
 @pytest.mark.slow
