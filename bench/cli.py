@@ -453,7 +453,8 @@ def parser() -> Parser:
     ms.set_defaults(func=cmd_measure)
     e = sub.add_parser("estimate", help="analytical bytes per category and method, no run; fit on a GPU")
     add_run_options(e, method_all=True)
-    e.add_argument("--gpu", help="a card from the catalog (`--gpu list`): does it fit, with what headroom")
+    e.add_argument("--gpu", help="a card from the catalog (`--gpu list`), or `this` (the card here, at the capacity "
+                   "CUDA reports): does it fit, with what headroom")
     e.add_argument("--max", action="store_true", help="largest sequence length and batch that fit on --gpu")
     e.add_argument("--trials", action="store_true", help="how many such runs fit side by side on --gpu")
     e.add_argument("--json", action="store_true", help="print one result record (source: estimated) per method")

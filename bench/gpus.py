@@ -42,11 +42,25 @@ CATALOG = {g.name: g for g in (
 
 
 def lookup(name: str) -> GPU:
-    """The catalog entry for `name` (case-insensitive). Raises ConfigError naming the unknown value."""
+    """The catalog entry for `name` (case-insensitive), or `this`: the card this machine has, with the capacity
+    CUDA reports for it. Raises ConfigError naming the unknown value."""
     key = name.strip().lower()
+    if key == "this" or key.startswith("this:"):
+        return this_device(int(key.partition(":")[2] or 0))
     if key not in CATALOG:
-        raise ConfigError(f"unknown GPU {name!r}; known: {', '.join(CATALOG)}")
+        raise ConfigError(f"unknown GPU {name!r}; known: {', '.join(CATALOG)}, or this (the card here)")
     return CATALOG[key]
+
+
+def this_device(index: int = 0) -> GPU:
+    """CUDA device `index` as a catalog entry whose capacity is what CUDA itself reports (mem_get_info's total),
+    not a marketing figure. Raises ConfigError without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+        raise ConfigError(f"--gpu this{f':{index}' if index else ''}: no such CUDA device on this machine")
+    _, total = torch.cuda.mem_get_info(index)
+    return GPU("this", torch.cuda.get_device_name(index), int(total))
 
 
 def needed(peak_bytes: int) -> int:

@@ -147,3 +147,37 @@ def test_a_config_for_cuda_describes_a_device_without_needing_it():
 
     cfg = preflight(RunConfig(model="llama-2-7b", device="cuda"), device=False)  # an estimate on a laptop
     assert cfg.device == "cuda"
+
+
+def test_gpu_this_is_the_card_here_at_the_capacity_cuda_reports(monkeypatch):
+    from bench import gpus
+    from qlora.config import ConfigError
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="--gpu this: no such CUDA device"):
+            gpus.lookup("this")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (20 * 2**30, 23_988 * 2**20))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "NVIDIA GeForce RTX 4090")
+    gpu = gpus.lookup("this")
+    assert gpu.total_bytes == 23_988 * 2**20 < gpus.CATALOG["rtx4090"].total_bytes
+    assert gpu.label == "NVIDIA GeForce RTX 4090"
+
+
+def test_each_depth_of_an_extrapolated_run_gets_its_own_process(monkeypatch):
+    """Both depths in one process let the first model's blocks inflate the deeper run's allocator figures."""
+    import bench.runner as runner
+    from bench.measure import measure
+
+    depths = []
+    real = runner.call
+
+    def counting(target, payload, **kwargs):
+        depths.append(payload[1]["layers"])
+        return real(target, payload, **kwargs)
+
+    monkeypatch.setattr(runner, "call", counting)
+    r = measure(RunConfig(model="smollm2-135m", method="qlora", layers=2, seq_len=16, steps=1, device="cpu"),
+                run=runner.isolated)
+    assert r["status"] == "ok" and r["source"] == "extrapolated" and depths == [1, 2]
