@@ -96,7 +96,8 @@ MATRIX = [
      "group 1 has no 'model' key (the table is empty)"),
     ("negative --timeout-s", ["sweep", "{tmp}/good.toml", "--out", "{tmp}/o", "--timeout-s", "-5"], 2,
      "--timeout-s must be a number > 0, got -5.0"),
-    ("the default seq_len on tiny-llama", ["sweep", "{tmp}/good.toml", "--out", "{tmp}/o", "--dry-run"], 0, ""),
+    ("the default seq_len on tiny-llama (256 positions)", ["estimate", "tiny-llama", "--method", "all"], 0, ""),
+    ("a plan checked, nothing run", ["sweep", "{tmp}/good.toml", "--out", "{tmp}/o", "--dry-run"], 0, ""),
 ]
 SLOW = [  # these need the packaged pretrained model and corpora (`qlora-bench fetch`)
     ("one-token JSONL texts", ["quality", "smollm2-135m-instruct", "--data", "{tmp}/one-token.jsonl",
