@@ -47,7 +47,8 @@ def bench(session: nox.Session) -> None:
     import os
 
     install(session, "test")
-    session.run("qlora-bench", "fetch")
+    # Offline (a lent GPU, an air-gapped node) fetch fails; bench then measures what it can and says what it skipped.
+    session.run("qlora-bench", "fetch", success_codes=[0, 1])
     session.run("qlora-bench", "bench", *session.posargs)
     os.makedirs(".bench", exist_ok=True)  # pytest-benchmark does not create the folder of --benchmark-json
     session.run("pytest", "benchmarks", "--benchmark-enable", "--benchmark-autosave",

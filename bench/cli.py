@@ -328,10 +328,10 @@ def add_sweep_options(p: argparse.ArgumentParser) -> None:
 def check_sweep_options(args) -> None:
     import math
 
-    for name in ("budget_gib", "timeout_s"):
+    for name, most in (("budget_gib", 2**20), ("timeout_s", 10**7)):  # 1 PiB; 115 days
         value = getattr(args, name)
-        if value is not None and not (math.isfinite(value) and value > 0):
-            raise BadInput(f"--{name.replace('_', '-')} must be a number > 0, got {value}")
+        if value is not None and not (math.isfinite(value) and 0 < value <= most):
+            raise BadInput(f"--{name.replace('_', '-')} must be a number > 0 and at most {most:,}, got {value}")
     check_out_dir(args.out)
 
 
@@ -357,21 +357,21 @@ def failed_runs(runs: list[dict]) -> int:
 def cmd_bench(args) -> int:
     from pathlib import Path
 
-    from bench import record, suite
+    from bench import suite
 
     check_sweep_options(args)
     device = args.device or _default_device()
     plan = suite.resolve_plan(args.plan) if args.plan else suite.default_plan(device)
     out = Path(args.out) if args.out else suite.default_out(plan, device)
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
-    text = suite.run(plan, out, device=device, budget_gib=args.budget_gib, timeout_s=args.timeout_s,
-                     fresh=args.fresh, dry_run=args.dry_run, log=log)
+    text, runs = suite.run(plan, out, device=device, budget_gib=args.budget_gib, timeout_s=args.timeout_s,
+                           fresh=args.fresh, dry_run=args.dry_run, log=log)
     if args.dry_run:
         return 0
     print(text, end="")
     log(f"wrote {out / 'results.jsonl'}, {out / 'estimates.jsonl'}, {out / 'summary.md'} and the report in "
         f"{out / 'report'}/")
-    return failed_runs(suite.latest(record.read(out / "results.jsonl")))
+    return failed_runs(runs)
 
 
 def cmd_compare(args) -> int:
@@ -516,9 +516,18 @@ def parser() -> Parser:
     return p
 
 
+def _terminated(signum, frame):
+    # SIGTERM (timeout, a CI job cancelled) and SIGHUP (a closed terminal) unwind like Ctrl-C, so the runner kills
+    # the run it started instead of leaving it to hold memory after the sweep is gone.
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
     from qlora.assets import AssetError
 
+    previous = {s: signal.signal(s, _terminated) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
         args = parser().parse_args(argv)
         return args.func(args)
@@ -530,6 +539,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 if __name__ == "__main__":

@@ -68,6 +68,7 @@ def run(out: Path, device: str, timeout_s: float, log) -> list[dict]:
     for r in plan.runs:  # every run as the GPU will see it, but for the device
         preflight(r.config, device=False)
     results, records = out / "results.jsonl", []
+    results.unlink(missing_ok=True)  # a rehearsal measures afresh each time: no duplicates for the report
     for r in plan.runs:
         if cpu_sized(r.config):
             cfg = replace(r.config, **REHEARSAL)
@@ -170,5 +171,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if rows and all(ok for _, ok, _ in rows) else 1
 
 
+def entry() -> int:
+    from qlora.config import ConfigError
+
+    try:
+        return main()
+    except ConfigError as e:  # e.g. --device cuda where there is none: one line, exit 2, as the CLI does
+        print(f"qlora-bench gpu_smoke: error: {e}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

@@ -46,7 +46,10 @@ def lookup(name: str) -> GPU:
     CUDA reports for it. Raises ConfigError naming the unknown value."""
     key = name.strip().lower()
     if key == "this" or key.startswith("this:"):
-        return this_device(int(key.partition(":")[2] or 0))
+        index = key.partition(":")[2] or "0"
+        if not index.isdigit():
+            raise ConfigError(f"--gpu {name!r}: this or this:N, with N a CUDA device index")
+        return this_device(int(index))
     if key not in CATALOG:
         raise ConfigError(f"unknown GPU {name!r}; known: {', '.join(CATALOG)}, or this (the card here)")
     return CATALOG[key]

@@ -117,13 +117,19 @@ def _nvml_handle(pynvml, device):
     uuid = getattr(torch.cuda.get_device_properties(device), "uuid", None)
     if uuid is not None:
         text = str(uuid)
-        text = text if text.startswith(("GPU-", "MIG-")) else f"GPU-{text}"
-        try:
-            return pynvml.nvmlDeviceGetHandleByUUID(text)
-        except pynvml.NVMLError:
-            pass
+        for candidate in [text] if text.startswith(("GPU-", "MIG-")) else [f"GPU-{text}", f"MIG-{text}"]:
+            try:
+                return pynvml.nvmlDeviceGetHandleByUUID(candidate)
+            except pynvml.NVMLError:
+                continue
     if torch.cuda.device_count() == 1 and pynvml.nvmlDeviceGetCount() == 1:
-        return pynvml.nvmlDeviceGetHandleByIndex(0)
+        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        try:
+            if pynvml.nvmlDeviceGetMigMode(handle)[0]:  # a MIG slice: the card's figures are not the slice's
+                return None
+        except (pynvml.NVMLError, AttributeError):
+            pass
+        return handle
     return None  # never guess: NVML's index N is not torch's device N under CUDA_VISIBLE_DEVICES
 
 

@@ -126,7 +126,7 @@ def call(target: str, payload, *, timeout_s: float | None = None) -> object:
     with tempfile.TemporaryDirectory(prefix="qlora-bench-run-") as tmp:
         result = Path(tmp) / "result.json"
         cmd = [sys.executable, "-m", "bench.runner", target, str(result)]
-        env = dict(os.environ, **CHILD_ENV)
+        env = dict(os.environ, **CHILD_ENV, QLORA_BENCH_PARENT=str(os.getpid()))
         before = oom_kill_counts()
         # Its own session: on a time-out the whole group goes (tokenizer threads, a grandchild), never the caller.
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -141,7 +141,7 @@ def call(target: str, payload, *, timeout_s: float | None = None) -> object:
             _kill_group(proc)
             proc.wait()
             raise
-        if proc.returncode < 0:
+        if not result.is_file() and proc.returncode < 0:
             raise death_by_signal(proc.returncode, before, err)
         if not result.is_file():
             last = (err.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
@@ -186,7 +186,22 @@ def _resolve(target: str):
     return obj
 
 
-def _child(target: str, result_path: str) -> int:
+def _die_with_parent() -> None:
+    """Ask the kernel to SIGKILL this process when its parent dies (Linux), however the parent ends: a run that
+    outlived its sweep would hold the memory the next run is measured in, while the sweep's claim on it is gone."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(os.environ.get("QLORA_BENCH_PARENT", os.getppid())):
+        os._exit(1)  # the parent was already gone before the request was made
+
+
+def _child(target: str, result_path: str) -> None:
+    _die_with_parent()
     payload = json.loads(sys.stdin.read())
     try:
         answer = {"result": _resolve(target)(*payload)}
@@ -203,7 +218,11 @@ def _child(target: str, result_path: str) -> int:
     tmp = result_path + ".tmp"
     Path(tmp).write_text(text)
     os.replace(tmp, result_path)  # the parent sees a whole result or none
-    return 0
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # The result is written: leave now, so that a library's crash at interpreter exit (CUDA, bitsandbytes teardown)
+    # cannot turn a finished run into a failed one.
+    os._exit(0)
 
 
 if __name__ == "__main__":

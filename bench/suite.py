@@ -78,9 +78,10 @@ def latest(records: list[dict]) -> list[dict]:
 
 
 def run(plan_path: Path, out: Path, *, device: str, budget_gib: float | None = None, timeout_s: float | None = None,
-        fresh: bool = False, dry_run: bool = False, log=print) -> str:
-    """Sweep the plan into OUT/results.jsonl, write OUT/estimates.jsonl and OUT/summary.md; return the summary.
-    With `dry_run`, check everything and say what would run, and write nothing."""
+        fresh: bool = False, dry_run: bool = False, log=print) -> tuple[str, list[dict]]:
+    """Sweep the plan into OUT/results.jsonl, write OUT/estimates.jsonl and OUT/summary.md; return the summary and
+    the plan's run records as they stand (what the exit status is judged on). With `dry_run`, check everything and
+    say what would run, and write nothing."""
     from qlora.assets import AssetError
     from qlora.preflight import preflight
 
@@ -101,13 +102,13 @@ def run(plan_path: Path, out: Path, *, device: str, budget_gib: float | None = N
     if dry_run:
         sweep.run(plan_path, out, device=device, budget_gib=budget_gib, dry_run=True, log=log)
         log(f"would estimate {len(plan.estimates)} configuration(s) and run {len(qualities)} quality run(s)")
-        return ""
+        return "", []
     results = out / "results.jsonl"
     if fresh and results.exists():
         kept = results.with_name(f"results-{record.now().replace(':', '')}.jsonl")
         results.rename(kept)
         log(f"--fresh: earlier results moved to {kept}")
-    sweep.run(plan_path, out, device=device, budget_gib=budget_gib, timeout_s=timeout_s, log=log)
+    runs = sweep.run(plan_path, out, device=device, budget_gib=budget_gib, timeout_s=timeout_s, log=log)
     estimates = [estimate_for(c) for c in plan.estimates]
     record.write_atomic(out / "estimates.jsonl", "".join(json.dumps(e, allow_nan=False) + "\n" for e in estimates))
     scored = []
@@ -123,7 +124,7 @@ def run(plan_path: Path, out: Path, *, device: str, budget_gib: float | None = N
 
     report.build(report.load([out]), out / "report", [str(out)])
     log(f"report (tables, charts, claims): {out / 'report'}/")
-    return text
+    return text, runs
 
 
 def _gib(n) -> str:

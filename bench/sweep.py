@@ -50,12 +50,33 @@ def record_key(r: dict) -> str:
     return run_key(r["config"], here, r.get("budget_bytes"))
 
 
+def measured(results: Path) -> list[tuple[str, dict]]:
+    """(resume key, record) of every run recorded in `results`, in order. Records that are not runs (estimates, no
+    environment) are passed over; a run whose config this version cannot read is bad input naming FILE:LINE."""
+    out = []
+    for n, r in record.read_numbered(results) if results.exists() else []:
+        env = r.get("env")
+        if r["source"] == "estimated" or not isinstance(env, dict) or not isinstance(env.get("device"), dict):
+            continue
+        try:
+            out.append((record_key(r), r))
+        except (ConfigError, KeyError, AttributeError, TypeError) as e:
+            raise ConfigError(f"{results}:{n}: not a run this version can resume ({e})") from None
+    return out
+
+
 def run_isolated(cfg: RunConfig, budget: int | None, timeout_s: float | None) -> dict:
     """One run's record, each depth measured in its own fresh process (bench.runner): whatever happens there, a
-    kill -9 or the OOM killer included, comes back as a record."""
+    kill -9, the OOM killer, or input only the run itself could find bad (a weights folder it cannot load), comes
+    back as a record, and the sweep goes on to the next run."""
     from bench.measure import measure
 
-    return measure(cfg, run=functools.partial(isolated, timeout_s=timeout_s), budget=budget)
+    try:
+        return measure(cfg, run=functools.partial(isolated, timeout_s=timeout_s), budget=budget)
+    except ConfigError as e:
+        source = "extrapolated" if cfg.layers is not None else "measured"
+        return record.make(cfg.to_dict(), source=source, status="error", bytes_=None, error=f"bad input: {e}",
+                           env=record.environment(cfg.device), budget_bytes=budget)
 
 
 def progress(done: int, total: int, elapsed: float, width: int = 24) -> str:
@@ -93,21 +114,22 @@ def run(plan: str | Path, out: str | Path, *, device: str, budget_gib: float | N
     runs = checked_runs(plan, device)
     out = Path(out)
     results = out / "results.jsonl"
-    here = stack(device)
+    stacks: dict[str, dict] = {}  # a group may pin its own device: each run is keyed by the device it runs on
     budget = int(budget_gib * GiB) if budget_gib is not None else None
 
     def key_of(cfg: RunConfig) -> str:
-        return run_key(cfg.to_dict(), here, budget)
+        if cfg.device not in stacks:
+            stacks[cfg.device] = stack(cfg.device)
+        return run_key(cfg.to_dict(), stacks[cfg.device], budget)
 
     def recorded() -> dict[str, dict]:
         """Finished runs (ok or oom) in OUT, read afresh: another sweep may have added some."""
-        return {record_key(r): r for r in (record.read(results) if results.exists() else [])
-                if r["status"] != "error"}
+        return {k: r for k, r in measured(results) if r["status"] != "error"}
 
     done = recorded()
     queue = owed(runs, done, key_of)
     fresh = sum(parent is None for _, _, parent in queue)
-    retried = len({record_key(r) for r in _errors(results)} & {key_of(cfg) for _, cfg, _ in queue})
+    retried = len({k for k, r in measured(results) if r["status"] == "error"} & {key_of(cfg) for _, cfg, _ in queue})
     log(f"{len(runs)} runs in {plan}: {len(runs) - fresh} already recorded, {fresh} to run"
         + (f" ({retried} recorded as error, run again)" if retried else "")
         + (f", {len(queue) - fresh} reduced-depth fallback(s) owed" if len(queue) > fresh else ""))
@@ -144,7 +166,7 @@ def run(plan: str | Path, out: str | Path, *, device: str, budget_gib: float | N
             follow = None
         log(f"{progress(finished, total, time.monotonic() - started)}  {describe(cfg)}: {how}"
             + (f" · next: the same at {follow.layers} layers" if follow is not None else ""))
-    latest = {record_key(r): r for r in record.read(results)} if results.exists() else {}
+    latest = dict(measured(results))
     wanted = [key_of(r.config) for r in runs]
     wanted += [key_of(f) for r in runs if (f := fallback_of(r, latest.get(key_of(r.config), {}))) is not None]
     return [latest[k] for k in wanted if k in latest]
@@ -180,10 +202,6 @@ def owed(runs: list[PlannedRun], done: dict[str, dict], key_of) -> list[tuple]:
             queue.append((r, follow, prior))
     queue.sort(key=lambda item: item[2] is None)
     return queue
-
-
-def _errors(results: Path) -> list[dict]:
-    return [r for r in record.read(results) if r["status"] == "error"] if results.exists() else []
 
 
 @contextmanager

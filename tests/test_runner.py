@@ -62,6 +62,35 @@ def test_bad_input_found_in_the_child_is_bad_input_here():
         call("qlora.config:RunConfig.from_dict", [{"lora_r": 0}])
 
 
+def test_a_result_written_survives_a_crash_at_interpreter_exit():
+    """A library that crashes during teardown (CUDA, bitsandbytes) must not turn a finished run into a failed one."""
+    crash_at_exit = "import atexit, os, signal; atexit.register(lambda: os.kill(os.getpid(), signal.SIGSEGV))"
+    assert call("builtins:exec", [crash_at_exit]) is None
+
+
+def test_the_run_dies_with_its_caller_however_the_caller_ends(tmp_path):
+    """A sweep killed by SIGKILL (or SIGTERM) must not leave its run holding memory: the kernel kills the child."""
+    script = "from bench.runner import call; call('time:sleep', [120])"
+    parent = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT)
+    deadline = time.monotonic() + 60
+    while not (children := _children_running("time:sleep", parent.pid)):
+        assert parent.poll() is None and time.monotonic() < deadline, "the run never started"
+        time.sleep(0.1)
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{children[0]}").exists() and _state(children[0]) != "Z":
+        assert time.monotonic() < deadline, "the run outlived its caller"
+        time.sleep(0.1)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "gone"
+
+
 def test_a_time_out_kills_the_child_and_is_an_error():
     started = time.monotonic()
     with pytest.raises(RunFailed) as e:
@@ -165,6 +194,46 @@ def test_a_sweep_run_killed_without_an_oom_event_is_an_error_retried_on_resume(t
     assert [r["status"] for r in records] == ["error", "ok", "error", "ok"]
     assert main(args) == 0  # nothing left to do
     assert "2 already recorded, 0 to run" in capsys.readouterr().err
+
+
+def test_a_run_that_fails_inside_on_input_only_it_could_see_is_an_error_and_the_sweep_goes_on(tmp_path, capsys):
+    """A weights folder whose safetensors cannot be read fails only when the run loads it: that run is an error
+    record, and the next run still runs."""
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    arch = json.loads((ROOT / "qlora" / "archs" / "tiny-llama.json").read_text())
+    (weights / "config.json").write_text(json.dumps(arch))
+    (weights / "tokenizer.json").write_text("{}")
+    (weights / "model.safetensors").write_bytes(b"not safetensors")
+    plan, out = tmp_path / "plan.toml", tmp_path / "out"
+    plan.write_text(f'[[group]]\nmodel = ["{weights}", "tiny-llama"]\nmethod = ["lora"]\nseq_len = [32]\n'
+                    "steps = [1]\n")
+    assert main(["sweep", str(plan), "--out", str(out), "--device", "cpu"]) == 1
+    broken, fine = read(out / "results.jsonl")
+    assert broken["status"] == "error" and broken["bytes"] is None and fine["status"] == "ok"
+
+
+def test_a_group_that_pins_its_device_resumes_under_that_device(tmp_path, capsys):
+    """The resume key is the run's own device, not the sweep's --device (which a pinned group does not use)."""
+    plan, out = tmp_path / "plan.toml", tmp_path / "out"
+    plan.write_text(TINY_PLAN.replace('"lora", "qlora"', '"lora"') + 'device = ["cpu"]\n')
+    args = ["sweep", str(plan), "--out", str(out), "--device", "cuda"]  # no CUDA here: only the group's cpu runs
+    assert main(args) == 0
+    assert main(args) == 0
+    assert "1 already recorded, 0 to run" in capsys.readouterr().err
+    assert len(read(out / "results.jsonl")) == 1
+
+
+def test_records_that_are_not_runs_do_not_stop_a_resume(tmp_path, capsys):
+    from bench import record
+
+    plan, out = tmp_path / "plan.toml", tmp_path / "out"
+    plan.write_text(TINY_PLAN)
+    estimate = record.make({"model": "tiny-llama", "method": "lora", "batch_size": 1, "seq_len": 32},
+                           source="estimated", status="ok", bytes_=None)  # no env, as estimate records are
+    record.append(out / "results.jsonl", estimate)
+    assert main(["sweep", str(plan), "--out", str(out), "--device", "cpu", "--dry-run"]) == 0
+    assert "0 already recorded, 2 to run" in capsys.readouterr().err
 
 
 @pytest.mark.slow
