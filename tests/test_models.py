@@ -46,6 +46,9 @@ def test_config_only_directory_is_random_weights(tmp_path):
 def test_directory_with_safetensors_is_real_weights(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ConfigError, match="has weights but no tokenizer"):  # it would fail inside the run
+        models.resolve(str(tmp_path))
+    (tmp_path / "tokenizer.json").write_text("{}")
     assert models.resolve(str(tmp_path)).kind == "weights-dir"
 
 
