@@ -18,6 +18,7 @@ from qlora.optim import make_optimizer
 from qlora.train import train_step
 
 ROUNDS = 5
+OVERHEAD_ROUNDS = 9
 
 
 @pytest.fixture(scope="module")
@@ -47,13 +48,20 @@ def test_step(benchmark, one_7b_layer, variant):
 
 
 def test_ledger_overhead_is_within_5_percent(one_7b_layer, record_property):
-    times = {plain: [], ledgered: []}
-    for _ in range(ROUNDS):
+    # Each round times a plain step and a ledgered step back to back, and the verdict is the median of the rounds'
+    # ratios: on a shared 2-core machine a step's time drifts by several percent between rounds (more than the
+    # ledger costs), and a ratio of adjacent steps cancels most of that drift where a ratio of two medians does not.
+    ratios, plain_times = [], []
+    for _ in range(OVERHEAD_ROUNDS):
+        t = []
         for fn in (plain, ledgered):
             t0 = time.perf_counter()
             fn(*one_7b_layer)
-            times[fn].append(time.perf_counter() - t0)
-    ratio = statistics.median(times[ledgered]) / statistics.median(times[plain])
+            t.append(time.perf_counter() - t0)
+        ratios.append(t[1] / t[0])
+        plain_times.append(t[0])
+    ratio = statistics.median(ratios)
     record_property("ledger_overhead_ratio", ratio)
-    print(f"\nledger overhead: {ratio:.3f}x (median of {ROUNDS}, plain {statistics.median(times[plain]):.3f} s)")
+    print(f"\nledger overhead: {ratio:.3f}x (median of {OVERHEAD_ROUNDS} paired rounds, plain step "
+          f"{statistics.median(plain_times):.3f} s)")
     assert ratio <= 1.05
