@@ -12,7 +12,7 @@ import statistics
 import sys
 from dataclasses import replace
 
-from bench.console import print_estimates, print_record
+from bench.render.console import print_estimates, print_record
 from qlora.config import ALL_LINEAR, ConfigError, RunConfig
 
 GiB = 2**30
@@ -107,7 +107,7 @@ def cmd_models(args) -> int:
 
 def train_summary(cfg: RunConfig) -> dict:
     """Build cfg's model, train cfg.steps steps on the built-in corpus, and summarise (JSON-ready)."""
-    from bench.probes import PeakRssAnon
+    from bench.measuring.probes import PeakRssAnon
     from qlora.build import build, count_trainable
     from qlora.optim import make_optimizer
     from qlora.train import corpus_blocks, train
@@ -131,7 +131,7 @@ def train_summary(cfg: RunConfig) -> dict:
 
 
 def cmd_train(args) -> int:
-    from bench.runner import RunFailed, isolated
+    from bench.measuring.runner import RunFailed, isolated
 
     configs = configs_from_args(args)
     status = 0
@@ -156,9 +156,9 @@ def cmd_train(args) -> int:
 
 
 def cmd_measure(args) -> int:
-    from bench import record
-    from bench.measure import check, measure
-    from bench.runner import isolated
+    from bench.measuring import record
+    from bench.measuring.measure import check, measure
+    from bench.measuring.runner import isolated
 
     check_out_file(args.out)
     configs = [check(c) for c in configs_from_args(args)]
@@ -177,8 +177,9 @@ def cmd_measure(args) -> int:
 
 
 def cmd_estimate(args) -> int:
-    from bench import gpus, record
-    from bench.estimate import estimate_bytes, read_arch
+    from bench.measuring import record
+    from bench.modelling import gpus
+    from bench.modelling.estimate import estimate_bytes, read_arch
 
     if args.gpu and args.gpu.lower() == "list":
         for g in gpus.CATALOG.values():
@@ -208,8 +209,8 @@ def cmd_estimate(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from bench import validate
-    from bench.runner import isolated
+    from bench.measuring.runner import isolated
+    from bench.running import validate
 
     check_out_dir(args.out)
     rows = validate.run(args.plan, args.out, isolated)
@@ -264,7 +265,7 @@ def check_sweep_options(args) -> None:
 
 
 def cmd_sweep(args) -> int:
-    from bench import sweep
+    from bench.running import sweep
 
     check_sweep_options(args)
     runs = sweep.run(args.plan, args.out, device=args.device or _default_device(), budget_gib=args.budget_gib,
@@ -285,14 +286,14 @@ def failed_runs(runs: list[dict]) -> int:
 def cmd_bench(args) -> int:
     from pathlib import Path
 
-    from bench import suite
+    from bench.running import main_job
 
     check_sweep_options(args)
     device = args.device or _default_device()
-    plan = suite.resolve_plan(args.plan) if args.plan else suite.default_plan(device)
-    out = Path(args.out) if args.out else suite.default_out(plan, device)
+    plan = main_job.resolve_plan(args.plan) if args.plan else main_job.default_plan(device)
+    out = Path(args.out) if args.out else main_job.default_out(plan, device)
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
-    text, runs = suite.run(plan, out, device=device, budget_gib=args.budget_gib, timeout_s=args.timeout_s,
+    text, runs = main_job.run(plan, out, device=device, budget_gib=args.budget_gib, timeout_s=args.timeout_s,
                            fresh=args.fresh, dry_run=args.dry_run, log=log)
     if args.dry_run:
         return 0
@@ -303,7 +304,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from bench import compare
+    from bench.render import compare
 
     for name in ("memory_threshold", "time_threshold"):
         if not getattr(args, name) >= 0:
@@ -313,7 +314,7 @@ def cmd_compare(args) -> int:
     text = compare.markdown(rows, args.baseline, args.new)
     print(text, end="")
     if args.markdown:
-        from bench.record import write_atomic
+        from bench.measuring.record import write_atomic
 
         write_atomic(args.markdown, text)
     return 3 if any(r.problems for r in rows) else 0
@@ -322,7 +323,7 @@ def cmd_compare(args) -> int:
 def cmd_quality(args) -> int:
     from pathlib import Path
 
-    from bench import quality
+    from bench.running import quality
 
     check_out_dir(args.out)
     spec = {k: getattr(args, k) for k in quality.SPEC_KEYS if getattr(args, k, None) is not None}
@@ -346,7 +347,7 @@ def cmd_quality(args) -> int:
 def cmd_report(args) -> int:
     from pathlib import Path
 
-    from bench import report
+    from bench.render import report
 
     check_out_dir(args.out)
     records = report.load(args.results)

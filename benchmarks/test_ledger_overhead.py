@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from bench.measure import ledgered_step
+from bench.measuring.measure import ledgered_step
 from qlora.build import build
 from qlora.config import RunConfig
 from qlora.optim import make_optimizer

@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 
-from bench.measure import ledgered_step
+from bench.measuring.measure import ledgered_step
 from qlora.build import build
 from qlora.config import RunConfig
 from qlora.optim import make_optimizer
@@ -30,8 +30,8 @@ def step(request):
     cfg = RunConfig(model=MODEL, method=request.param, seq_len=SEQ_LEN, batch_size=1,
                     device="cuda" if CUDA else "cpu")
     if CUDA:
-        from bench import gpus
-        from bench.estimate import estimate_bytes
+        from bench.modelling import gpus
+        from bench.modelling.estimate import estimate_bytes
 
         peak = estimate_bytes(cfg)["bytes"]["peak"]
         total = torch.cuda.get_device_properties(0).total_memory

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from bench.ledger import Ledger
+from bench.measuring.ledger import Ledger
 from qlora.config import RunConfig
 
 
@@ -17,7 +17,7 @@ from qlora.config import RunConfig
     "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
 ])
 def test_cuda_out_of_memory_outside_the_caching_allocator_is_an_oom_record(tiny, monkeypatch, message):
-    import bench.measure as m
+    import bench.measuring.measure as m
 
     def boom(cfg, **kwargs):
         raise RuntimeError(message)
@@ -45,7 +45,7 @@ def test_a_paged_optimizer_tensor_lands_in_optimizer_and_is_reported_apart():
 
 
 def test_nvml_reads_the_card_torch_means_by_uuid(monkeypatch):
-    from bench import probes
+    from bench.measuring import probes
 
     class NVMLError(Exception):
         pass
@@ -112,7 +112,7 @@ def test_rotary_frequencies_are_computed_not_left_to_memory_contents(tiny):
 
 
 def test_the_adamw_implementation_that_ran_is_recorded(tiny):
-    from bench.measure import measure
+    from bench.measuring.measure import measure
     from qlora.optim import implementation
 
     r = measure(tiny(method="lora", steps=1))
@@ -124,8 +124,8 @@ def test_the_adamw_implementation_that_ran_is_recorded(tiny):
 
 
 def test_bench_offline_skips_quality_runs_whose_wheels_it_cannot_fetch(tmp_path, capsys, monkeypatch):
-    from bench import quality
     from bench.cli import main
+    from bench.running import quality
     from qlora.assets import AssetError
 
     def offline(spec, device):
@@ -150,7 +150,7 @@ def test_a_config_for_cuda_describes_a_device_without_needing_it():
 
 
 def test_gpu_this_is_the_card_here_at_the_capacity_cuda_reports(monkeypatch):
-    from bench import gpus
+    from bench.modelling import gpus
     from qlora.config import ConfigError
 
     if not torch.cuda.is_available():
@@ -167,8 +167,8 @@ def test_gpu_this_is_the_card_here_at_the_capacity_cuda_reports(monkeypatch):
 
 def test_each_depth_of_an_extrapolated_run_gets_its_own_process(monkeypatch):
     """Both depths in one process let the first model's blocks inflate the deeper run's allocator figures."""
-    import bench.runner as runner
-    from bench.measure import measure
+    import bench.measuring.runner as runner
+    from bench.measuring.measure import measure
 
     depths = []
     real = runner.call

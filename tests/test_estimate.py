@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from bench import gpus
 from bench.cli import main
-from bench.estimate import CATEGORIES, estimate_bytes, quant_state_bytes, read_arch
-from bench.measure import measure_once
+from bench.measuring.measure import measure_once
+from bench.modelling import gpus
+from bench.modelling.estimate import CATEGORIES, estimate_bytes, quant_state_bytes, read_arch
 from qlora.config import RunConfig
 
 STATIC = ("weights", "quant_state", "adapter", "optimizer")
@@ -126,7 +126,7 @@ def test_committed_validation_still_holds(measured):
 
 
 def test_the_committed_validation_plan_loads():
-    from bench.plan import load_plan
+    from bench.running.plan import load_plan
 
     configs = load_plan(Path(__file__).parent.parent / "bench" / "plans" / "validation.toml")
     assert len(configs) == 54
@@ -147,7 +147,7 @@ def test_the_committed_validation_plan_loads():
     ],
 )
 def test_bad_plans_name_the_file_and_key(tmp_path, text, named):
-    from bench.plan import load_plan
+    from bench.running.plan import load_plan
     from qlora.config import ConfigError
 
     plan = tmp_path / "plan.toml"

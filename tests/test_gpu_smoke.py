@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from bench import gpu_smoke
+from bench.running import gpu_smoke
 
 MiB, GiB = 2**20, 2**30
 

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from bench.ledger import CATEGORIES, Ledger
-from bench.measure import measure, measure_once
+from bench.measuring.ledger import CATEGORIES, Ledger
+from bench.measuring.measure import measure, measure_once
 from qlora import quantize
 from qlora.build import build
 from qlora.optim import make_optimizer
@@ -146,7 +146,7 @@ def test_record_carries_the_contract_fields(tiny):
 
 
 def test_out_of_memory_is_a_result(tiny, monkeypatch):
-    import bench.measure as m
+    import bench.measuring.measure as m
 
     def boom(cfg, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -159,7 +159,7 @@ def test_out_of_memory_is_a_result(tiny, monkeypatch):
 # What the CUDA allocator holds that no tensor of the step does (cuBLAS/cuBLASLt workspaces, buffers allocated inside
 # kernels): the GPU smoke's allowance, one definition for both. An allowance, not a measurement: the smoke records
 # the real gaps.
-from bench.gpu_smoke import LEDGER_TOLERANCE, WORKSPACE_ALLOWANCE  # noqa: E402
+from bench.running.gpu_smoke import LEDGER_TOLERANCE, WORKSPACE_ALLOWANCE  # noqa: E402
 
 
 @pytest.mark.gpu

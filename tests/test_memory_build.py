@@ -9,7 +9,7 @@ import pytest
 
 SCRIPT = """
 import json, torch
-from bench.probes import PeakRssAnon, rss_anon_bytes
+from bench.measuring.probes import PeakRssAnon, rss_anon_bytes
 from qlora.build import build
 from qlora.config import RunConfig
 before = rss_anon_bytes()

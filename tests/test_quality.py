@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from bench import quality
 from bench.cli import main
+from bench.running import quality
 from qlora import assets, scoring, tasks
 from qlora.data import ByteTokenizer
 from qlora.tasks import Example

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from bench import record
+from bench.measuring import record
 from qlora.config import ConfigError, RunConfig
 
 

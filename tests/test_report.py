@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from bench import record
-from bench.claims import verdict
 from bench.cli import main
-from bench.ledger import CATEGORIES
+from bench.measuring import record
+from bench.measuring.ledger import CATEGORIES
+from bench.render.claims import verdict
 from qlora.config import RunConfig
 
 ROOT = Path(__file__).parent.parent

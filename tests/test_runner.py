@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from bench import runner
 from bench.cli import main
-from bench.record import read
-from bench.runner import RunFailed, call
+from bench.measuring import runner
+from bench.measuring.record import read
+from bench.measuring.runner import RunFailed, call
 from qlora.config import ConfigError
 
 ROOT = Path(__file__).parent.parent
@@ -70,7 +70,7 @@ def test_a_result_written_survives_a_crash_at_interpreter_exit():
 
 def test_the_run_dies_with_its_caller_however_the_caller_ends(tmp_path):
     """A sweep killed by SIGKILL (or SIGTERM) must not leave its run holding memory: the kernel kills the child."""
-    script = "from bench.runner import call; call('time:sleep', [120])"
+    script = "from bench.measuring.runner import call; call('time:sleep', [120])"
     parent = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT)
     deadline = time.monotonic() + 60
     while not (children := _children_running("time:sleep", parent.pid)):
@@ -120,7 +120,7 @@ def test_the_oom_counters_of_this_machine_are_read():
 
 
 def _children_running(target: str, parent: int) -> list[int]:
-    """PIDs of bench.runner processes whose command line has `target` and whose parent is `parent`."""
+    """PIDs of bench.measuring.runner processes whose command line has `target` and whose parent is `parent`."""
     found = []
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
@@ -130,7 +130,7 @@ def _children_running(target: str, parent: int) -> list[int]:
             ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
         except (OSError, ValueError, IndexError):
             continue
-        if ppid == parent and b"bench.runner" in cmd and target.encode() in b" ".join(cmd):
+        if ppid == parent and b"bench.measuring.runner" in cmd and target.encode() in b" ".join(cmd):
             found.append(int(d.name))
     return found
 
@@ -142,7 +142,7 @@ def test_measure_whose_worker_is_killed_returns_within_seconds_with_an_error_rec
            "--seq-len", "128", "--device", "cpu", "--json", "--out", str(out)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while not (workers := _children_running("bench.runner:_apply", proc.pid)):
+    while not (workers := _children_running("bench.measuring.runner:_apply", proc.pid)):
         assert proc.poll() is None and time.monotonic() < deadline, "the worker never started"
         time.sleep(0.1)
     time.sleep(2)  # mid-build or mid-step, as the OOM killer would find it
@@ -166,7 +166,7 @@ steps = [1]
 
 
 def test_a_sweep_run_killed_without_an_oom_event_is_an_error_retried_on_resume(tmp_path, capsys, monkeypatch):
-    import bench.sweep as sweep
+    import bench.running.sweep as sweep
 
     plan, out = tmp_path / "plan.toml", tmp_path / "out"
     plan.write_text(TINY_PLAN)
@@ -225,7 +225,7 @@ def test_a_group_that_pins_its_device_resumes_under_that_device(tmp_path, capsys
 
 
 def test_records_that_are_not_runs_do_not_stop_a_resume(tmp_path, capsys):
-    from bench import record
+    from bench.measuring import record
 
     plan, out = tmp_path / "plan.toml", tmp_path / "out"
     plan.write_text(TINY_PLAN)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from bench.cli import main
-from bench.record import read
+from bench.measuring.record import read
 
 PLAN = """
 [[group]]
@@ -97,7 +97,7 @@ PLANS = sorted((Path(__file__).parent.parent / "bench" / "plans").glob("*.toml")
 
 @pytest.mark.parametrize("plan", PLANS, ids=lambda p: p.name)
 def test_every_committed_plan_loads_and_names_known_models(plan):
-    from bench.plan import load_plan
+    from bench.running.plan import load_plan
     from qlora.models import resolve
 
     configs = load_plan(plan)
@@ -107,7 +107,7 @@ def test_every_committed_plan_loads_and_names_known_models(plan):
 
 
 def test_the_gpu_plan_is_the_7b_matrix():
-    from bench.plan import load_plan, read_plan
+    from bench.running.plan import load_plan, read_plan
 
     configs = load_plan(Path(__file__).parent.parent / "bench" / "plans" / "gpu-7b.toml")
     assert len(configs) == 12
@@ -118,7 +118,7 @@ def test_the_gpu_plan_is_the_7b_matrix():
 
 
 def test_the_cpu_quick_plan_estimates_7b_on_gpus():
-    from bench.plan import read_plan
+    from bench.running.plan import read_plan
 
     plan = read_plan(Path(__file__).parent.parent / "bench" / "plans" / "cpu-quick.toml")
     assert {c.model for c in plan.estimates} == {"llama-2-7b"} and {c.device for c in plan.estimates} == {"cuda"}
@@ -137,8 +137,8 @@ def deep_tiny(tmp_path, layers=6):
 
 @pytest.mark.slow
 def test_oom_at_full_depth_is_measured_again_at_reduced_depth_and_resumes(tmp_path, capsys):
-    from bench import suite
-    from bench.plan import read_plan
+    from bench.running import main_job
+    from bench.running.plan import read_plan
 
     plan, out = tmp_path / "plan.toml", tmp_path / "out"
     plan.write_text(f'[[group]]\nmodel = ["{deep_tiny(tmp_path)}"]\nmethod = ["full"]\nseq_len = [32]\n'
@@ -152,7 +152,7 @@ def test_oom_at_full_depth_is_measured_again_at_reduced_depth_and_resumes(tmp_pa
     assert fallback["config"]["layers"] == 2 and fallback["fallback_for"] == oom["id"]
     assert [m["layers"] for m in fallback["measured_at"]] == [1, 2]
     assert fallback["bytes"]["peak"] > 4 * 2**20  # the full-depth figure, which did not fit
-    text = suite.summary(read_plan(plan), [oom, fallback], [])
+    text = main_job.summary(read_plan(plan), [oom, fallback], [])
     assert "| oom | over 0.004 (budget 0.004) |" in text and "extrapolated from 1 and 2 layers" in text
 
     # Killed between the oom and its fallback: the re-run owes (and runs) only the fallback.
@@ -166,7 +166,7 @@ def test_oom_at_full_depth_is_measured_again_at_reduced_depth_and_resumes(tmp_pa
 
 
 def test_progress_bar_has_counts_and_eta():
-    from bench.sweep import progress
+    from bench.running.sweep import progress
 
     line = progress(1, 4, 60.0, width=8)
     assert line.startswith("[##......] 1/4") and "1.0 min" in line and "eta 3.0 min" in line
@@ -201,7 +201,7 @@ def test_bench_names_an_unknown_plan(tmp_path, capsys):
 
 
 def test_default_plan_follows_the_hardware():
-    from bench.suite import default_out, default_plan, resolve_plan
+    from bench.running.main_job import default_out, default_plan, resolve_plan
 
     assert default_plan("cpu").name == "cpu-quick.toml" and default_plan("cuda:0").name == "gpu-7b.toml"
     assert resolve_plan("gpu-7b") == default_plan("cuda")

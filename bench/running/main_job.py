@@ -16,13 +16,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bench import quality, record, sweep
-from bench.ledger import CATEGORIES
-from bench.plan import Plan, read_plan
+from bench.measuring import record
+from bench.measuring.ledger import CATEGORIES
+from bench.running import quality, sweep
+from bench.running.plan import PLANS_DIR, Plan, read_plan
 from qlora.config import ConfigError, RunConfig
 
 GiB = 2**30
-PLANS_DIR = Path(__file__).parent / "plans"
 SUMMARY_GPUS = ("rtx4090", "a100-40gb", "a100-80gb")  # the cards the folk answers are about
 
 
@@ -43,8 +43,8 @@ def resolve_plan(spec: str) -> Path:
 
 
 def default_out(plan: Path, device: str) -> Path:
-    from bench.probes import device_info
-    from bench.report import slug
+    from bench.measuring.probes import device_info
+    from bench.render.report import slug
 
     name = device_info(device)["name"] or device
     # An untracked folder (.gitignore): a user's run never replaces the committed reference results under
@@ -54,9 +54,9 @@ def default_out(plan: Path, device: str) -> Path:
 
 def estimate_for(cfg: RunConfig) -> dict:
     """The analytical estimate of cfg at full depth, with its fit on the summary's cards."""
-    from bench import gpus
-    from bench.estimate import estimate_bytes
-    from bench.report import arch_of
+    from bench.modelling import gpus
+    from bench.modelling.estimate import estimate_bytes
+    from bench.render.report import arch_of
 
     full = RunConfig.from_dict({**cfg.to_dict(), "layers": None})
     arch = arch_of(full)
@@ -69,7 +69,7 @@ def estimate_for(cfg: RunConfig) -> dict:
 def latest(records: list[dict]) -> list[dict]:
     """The last record of each run (config, device, budget), in the order runs first appeared: a run measured again
     at a later commit replaces its earlier record in the summary."""
-    from bench.plan import key
+    from bench.running.plan import key
 
     by_key = {}
     for r in records:
@@ -120,7 +120,7 @@ def run(plan_path: Path, out: Path, *, device: str, budget_gib: float | None = N
         quality.save(out / "quality", scored)
     text = summary(plan, latest(record.read(results)), estimates, scored, skipped)
     record.write_atomic(out / "summary.md", text)
-    from bench import report
+    from bench.render import report
 
     report.build(report.load([out]), out / "report", [str(out)])
     log(f"report (tables, charts, claims): {out / 'report'}/")

@@ -6,8 +6,8 @@ Capacities are the totals `nvidia-smi` reports for each card (MiB). What a train
   the peak in reserve.
 Both are assumptions, not measurements: no GPU record exists yet. A CUDA record carries what calibrates them
 (`cuda_total_bytes` and `cuda_free_step_start` from mem_get_info, `nvml_process_used` less `cuda_max_reserved` for
-the context, `cuda_max_reserved` over `cuda_max_allocated` for the reserve); `python -m bench.gpu_smoke` reports
-them.
+the context, `cuda_max_reserved` over `cuda_max_allocated` for the reserve); `python -m bench.running.gpu_smoke`
+reports them.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def headroom(gpu: GPU, peak_bytes: int) -> int:
 def plan(gpu: GPU, cfg, arch, peak_bytes: int, *, limits: bool = False, side_by_side: bool = False) -> dict:
     """Fit of one estimated run on `gpu`: needed bytes, headroom, and optionally the largest sequence length and
     batch that fit (`limits`) and how many runs fit side by side (`side_by_side`)."""
-    from bench.estimate import largest_fitting
+    from bench.modelling.estimate import largest_fitting
 
     out = {"gpu": gpu.name, "total_bytes": gpu.total_bytes, "needed_bytes": needed(peak_bytes),
            "headroom_bytes": headroom(gpu, peak_bytes)}

@@ -28,6 +28,7 @@ import tomllib
 
 from qlora.config import ConfigError, RunConfig
 
+PLANS_DIR = Path(__file__).resolve().parents[1] / "plans"  # the committed plans: bench/plans/
 TABLES = ("group", "estimate", "quality")
 FALLBACK_KEY = "oom_fallback_layers"
 
@@ -97,7 +98,7 @@ def read_plan(path: str | Path, device: str = "cpu") -> Plan:
                                   "applies to full-depth runs")
             runs.append(PlannedRun(cfg, fallback))
     estimates = [c for i, g in enumerate(raw.get("estimate", [])) for c in _matrix(path, "estimate", i, g, device)]
-    from bench.quality import SPEC_KEYS
+    from bench.running.quality import SPEC_KEYS
 
     for i, spec in enumerate(raw.get("quality", [])):
         unknown = sorted(set(spec) - set(SPEC_KEYS))

@@ -1,6 +1,6 @@
 """The report's charts (matplotlib, PNG and SVG), drawn from result records; estimator curves labelled estimated.
 
-Every chart uses the same colour per memory category (bench.report.COLOURS) and per method, GiB on its memory
+Every chart uses the same colour per memory category (bench.render.report.COLOURS) and per method, GiB on its memory
 axes, and a title that names the model, batch, sequence length and device. Output is deterministic for the same
 records (no dates in the files, a fixed SVG hash salt), so a regenerated report diffs clean.
 """
@@ -15,8 +15,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from bench.ledger import CATEGORIES  # noqa: E402
-from bench.report import CARD_LINES, COLOURS, METHOD_COLOURS, GiB, device_of, slug  # noqa: E402
+from bench.measuring.ledger import CATEGORIES  # noqa: E402
+from bench.render.report import CARD_LINES, COLOURS, METHOD_COLOURS, GiB, device_of, slug  # noqa: E402
 from qlora.config import RunConfig  # noqa: E402
 
 METHODS = ("full", "lora", "qlora")
@@ -85,7 +85,7 @@ def _estimate_template(records: list[dict]) -> dict | None:
 
 def peak_vs_seq(records: list[dict], out: Path) -> list[str]:
     """2. Peak against sequence length per method (estimated curves, measured points), with card sizes."""
-    from bench.estimate import estimate_bytes, read_arch
+    from bench.modelling.estimate import estimate_bytes, read_arch
 
     base = _estimate_template(records)
     if base is None:
@@ -122,8 +122,8 @@ def peak_vs_seq(records: list[dict], out: Path) -> list[str]:
 
 def fit_matrix(records: list[dict], out: Path) -> list[str]:
     """3. Method x GPU: the longest sequence that fits (estimated, batch of the estimate records)."""
-    from bench import gpus
-    from bench.estimate import largest_fitting, read_arch
+    from bench.modelling import gpus
+    from bench.modelling.estimate import largest_fitting, read_arch
 
     base = _estimate_template(records)
     if base is None:
@@ -198,7 +198,7 @@ def quality_sets(records: list[dict]) -> dict[tuple, list[dict]]:
 
 def estimate_vs_measured(records: list[dict], out: Path) -> list[str]:
     """5. Estimated against measured peak, one point per run, with the 5% band."""
-    from bench.report import estimate_peak
+    from bench.render.report import estimate_peak
 
     points = []
     for r in records:

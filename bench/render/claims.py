@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from bench import gpus
+from bench.modelling import gpus
 from qlora.config import RunConfig
 
 GB, GiB = 10**9, 2**30
@@ -47,7 +47,7 @@ def find(records: list[dict], source: str | tuple, **want) -> dict | None:
 
 
 def _estimate(cfg: RunConfig) -> dict:
-    from bench.estimate import estimate_bytes
+    from bench.modelling.estimate import estimate_bytes
 
     return estimate_bytes(cfg)["bytes"]
 
@@ -141,7 +141,7 @@ def est_at(cfg: RunConfig, seq: int, ckpt: bool = False) -> int:
 
 
 def max_seq(r: dict, card: str, ckpt: bool = False) -> int | None:
-    from bench.estimate import largest_fitting, read_arch
+    from bench.modelling.estimate import largest_fitting, read_arch
 
     cfg = RunConfig.from_dict({**r["config"], "grad_checkpointing": ckpt})
     arch = read_arch(cfg)
@@ -194,7 +194,7 @@ def gpu_claims(est: dict) -> list[dict]:
 
 def quality_claims(records: list[dict]) -> list[dict]:
     rows = []
-    from bench.charts import quality_sets
+    from bench.render.charts import quality_sets
 
     # Per task, the largest evaluation (held-out examples x seeds) is the one judged.
     by_task: dict[str, dict[str, dict]] = {}

@@ -11,10 +11,10 @@ from dataclasses import replace
 
 import torch
 
-from bench import record
-from bench.ledger import CATEGORIES, BudgetExceeded, Ledger
-from bench.probes import DeviceProbe, rss_anon_bytes
-from bench.runner import RunFailed, is_oom
+from bench.measuring import record
+from bench.measuring.ledger import CATEGORIES, BudgetExceeded, Ledger
+from bench.measuring.probes import DeviceProbe, rss_anon_bytes
+from bench.measuring.runner import RunFailed, is_oom
 from qlora import models
 from qlora.build import build, count_trainable
 from qlora.config import ConfigError, RunConfig
@@ -121,7 +121,8 @@ def measure(cfg: RunConfig, run=in_this_process, budget: int | None = None) -> d
     """A result record for cfg: measured at full depth, or extrapolated when cfg.layers is below it.
 
     `run(fn, cfg, **kwargs)` runs one measurement: in this process by default; the CLI and sweeps pass
-    `bench.runner.isolated` (a fresh process per depth, so the deeper model never shares memory with the first).
+    `bench.measuring.runner.isolated` (a fresh process per depth, so the deeper model never shares memory with the
+    first).
     Out-of-memory becomes a record with status "oom"; other failures status "error". Bad input raises ConfigError.
     """
     cfg = check(cfg)  # bad input fails here, before any model is built; lora_targets resolved for the record

@@ -14,9 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import record
-from bench.ledger import CATEGORIES
-from bench.plan import key
+from bench.measuring import record
+from bench.measuring.ledger import CATEGORIES
+from bench.running.plan import key
 from qlora.config import ConfigError
 
 GiB, MiB = 2**30, 2**20

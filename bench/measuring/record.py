@@ -26,7 +26,7 @@ REQUIRED = ("schema", "id", "source", "config", "status")
 
 def git_state() -> dict:
     """Commit and dirty flag of the checkout this code runs from, or None outside a git checkout."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]  # the checkout: bench/measuring/record.py
 
     def git(*args):
         return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
@@ -48,7 +48,7 @@ def environment(device) -> dict:
 
     import torch
 
-    from bench.probes import device_info
+    from bench.measuring.probes import device_info
 
     versions = {}
     for p in PACKAGES:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench.ledger import CATEGORIES
+from bench.measuring.ledger import CATEGORIES
 
 GiB = 2**30
 

@@ -19,9 +19,9 @@ from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
 
-from bench import record
-from bench.plan import PlannedRun, read_plan
-from bench.runner import isolated
+from bench.measuring import record
+from bench.measuring.runner import isolated
+from bench.running.plan import PlannedRun, read_plan
 from qlora import models
 from qlora.config import ConfigError, RunConfig
 
@@ -32,7 +32,7 @@ STACK_PACKAGES = ("torch", "transformers", "peft", "bitsandbytes")
 def stack(device: str) -> dict:
     """What a recorded run stands for: the library versions, the device's name and the code's commit. A sweep
     resumes only runs recorded under all three, so new code (a fresh clone of a later commit) measures again."""
-    from bench.probes import device_info
+    from bench.measuring.probes import device_info
 
     return {"packages": {p: metadata.version(p) for p in STACK_PACKAGES}, "device": device_info(device)["name"],
             "commit": record.git_state()["git_commit"]}
@@ -66,10 +66,10 @@ def measured(results: Path) -> list[tuple[str, dict]]:
 
 
 def run_isolated(cfg: RunConfig, budget: int | None, timeout_s: float | None) -> dict:
-    """One run's record, each depth measured in its own fresh process (bench.runner): whatever happens there, a
-    kill -9, the OOM killer, or input only the run itself could find bad (a weights folder it cannot load), comes
-    back as a record, and the sweep goes on to the next run."""
-    from bench.measure import measure
+    """One run's record, each depth measured in its own fresh process (bench.measuring.runner): whatever happens
+    there, a kill -9, the OOM killer, or input only the run itself could find bad (a weights folder it cannot load),
+    comes back as a record, and the sweep goes on to the next run."""
+    from bench.measuring.measure import measure
 
     try:
         return measure(cfg, run=functools.partial(isolated, timeout_s=timeout_s), budget=budget)
@@ -178,7 +178,7 @@ def checked_runs(plan: str | Path, device: str) -> list[PlannedRun]:
 
 
 def _checked(plan, cfg: RunConfig) -> RunConfig:
-    from bench.measure import check
+    from bench.measuring.measure import check
 
     try:
         models.resolve(cfg.model)

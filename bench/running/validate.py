@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bench import record
-from bench.estimate import CATEGORIES, estimate_bytes, read_arch
-from bench.plan import key, load_plan
+from bench.measuring import record
+from bench.modelling.estimate import CATEGORIES, estimate_bytes, read_arch
+from bench.running.plan import key, load_plan
 from qlora.config import RunConfig
 
 GiB = 2**30
@@ -37,7 +37,7 @@ def compare(measured: dict, estimated: dict) -> dict:
 
 def run(plan: str | Path, out: str | Path, measure_fn) -> list[dict]:
     """Measure (skipping rows already in OUT/measured.jsonl) and estimate each row; write the comparison."""
-    from bench.measure import check, measure
+    from bench.measuring.measure import check, measure
 
     configs = [check(cfg) for cfg in load_plan(plan)]  # every row checked before the first is measured
     out = Path(out)

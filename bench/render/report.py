@@ -19,8 +19,8 @@ import json
 import re
 from pathlib import Path
 
-from bench import record
-from bench.ledger import CATEGORIES
+from bench.measuring import record
+from bench.measuring.ledger import CATEGORIES
 from qlora.config import RunConfig
 
 GiB, GB = 2**30, 10**9
@@ -73,7 +73,7 @@ def describe(c: dict) -> str:
 
 def estimate_peak(c: dict) -> int | None:
     """The analytical peak for a record's config at full depth (None where the estimator cannot say)."""
-    from bench.estimate import estimate_bytes
+    from bench.modelling.estimate import estimate_bytes
 
     try:
         cfg = RunConfig.from_dict({**c, "layers": None})
@@ -87,7 +87,7 @@ _ARCHS: dict[tuple, object] = {}
 
 def arch_of(cfg: RunConfig):
     """read_arch, once per model, precision and targets (it builds the model on the meta device)."""
-    from bench.estimate import read_arch
+    from bench.modelling.estimate import read_arch
 
     key = (cfg.model, cfg.precision, cfg.lora_targets, cfg.layers)
     if key not in _ARCHS:
@@ -184,7 +184,7 @@ def write_json(out: Path, name: str, obj) -> None:
 
 def build(records: list[dict], out: Path, inputs: list[str]) -> list[str]:
     """Write the whole report into `out`; returns the file names written."""
-    from bench import charts, claims
+    from bench.render import charts, claims
 
     out.mkdir(parents=True, exist_ok=True)
     table = rows(records)

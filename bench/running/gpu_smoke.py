@@ -1,8 +1,8 @@
 """The GPU smoke: the CUDA path's first run on a lent device, about 5 minutes, no network.
 
-    python -m bench.gpu_smoke --out DIR                 # on the GPU machine
-    python -m bench.gpu_smoke --device cpu --out DIR    # the rehearsal: checks the whole plan, runs its small runs
-                                                        # at 1 x 128 tokens on CPU
+    python -m bench.running.gpu_smoke --out DIR               # on the GPU machine
+    python -m bench.running.gpu_smoke --device cpu --out DIR  # the rehearsal: checks the whole plan, runs its
+                                                              # small runs at 1 x 128 tokens on CPU
 
 It sweeps bench/plans/gpu-smoke.toml (every run in its own process, as `qlora-bench sweep` does), writes the plan's
 estimates, checks what the CUDA path must get right, and writes into DIR:
@@ -16,7 +16,8 @@ estimates, checks what the CUDA path must get right, and writes into DIR:
 Exit status 0 when every check passes, 1 otherwise.
 
 On a machine without network, carry a bitsandbytes wheel (.whl/) and install it beside the checkout:
-    pip install --no-deps --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site:. python -m bench.gpu_smoke --out DIR
+    pip install --no-deps --target /tmp/site .whl/*.whl
+    PYTHONPATH=/tmp/site:. python -m bench.running.gpu_smoke --out DIR
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-PLAN = Path(__file__).parent / "plans" / "gpu-smoke.toml"
+from bench.running.plan import PLANS_DIR
+
+PLAN = PLANS_DIR / "gpu-smoke.toml"
 GiB, MiB = 2**30, 2**20
 LEDGER_TOLERANCE = 0.02  # of the peak, plus the allowance: the GPU test's bound
 # cuBLAS/cuBLASLt workspaces (tens of MiB per handle and stream; forward and autograd's backward thread each have
@@ -38,7 +41,7 @@ WORKSPACE_ALLOWANCE = 160 * MiB
 
 
 def environment(device: str) -> dict:
-    from bench import record
+    from bench.measuring import record
 
     env = record.environment(device)
     try:
@@ -60,9 +63,10 @@ REHEARSAL = {"device": "cpu", "batch_size": 1, "seq_len": 128, "steps": 3}  # th
 
 def run(out: Path, device: str, timeout_s: float, log) -> list[dict]:
     """The plan's records: swept on CUDA; on CPU, the whole plan checked and its CPU-sized runs measured."""
-    from bench import record, sweep
-    from bench.measure import check
-    from bench.plan import read_plan
+    from bench.measuring import record
+    from bench.measuring.measure import check
+    from bench.running import sweep
+    from bench.running.plan import read_plan
     from qlora.preflight import preflight
 
     if device.startswith("cuda"):
@@ -142,10 +146,11 @@ def markdown(env: dict, rows: list[tuple[str, bool, str]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench import record, suite
-    from bench.plan import read_plan
+    from bench.measuring import record
+    from bench.running import main_job
+    from bench.running.plan import read_plan
 
-    p = argparse.ArgumentParser(prog="python -m bench.gpu_smoke", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench.running.gpu_smoke", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="directory for the records, smoke.md and the report")
     p.add_argument("--device", default="cuda", help="cuda (default), cuda:N, or cpu for the rehearsal")
     p.add_argument("--timeout-s", type=float, default=300, help="time limit of each run's process (default 300)")
@@ -159,14 +164,14 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(args.device)
     record.write_atomic(out / "env.json", json.dumps(env, indent=1) + "\n")
     records = run(out, args.device, args.timeout_s, log)
-    estimates = [suite.estimate_for(c) for c in read_plan(PLAN, "cuda").estimates]
+    estimates = [main_job.estimate_for(c) for c in read_plan(PLAN, "cuda").estimates]
     record.write_atomic(out / "estimates.jsonl", "".join(json.dumps(e) + "\n" for e in estimates))
     rows = checks(records)
     text = markdown(env, rows)
     record.write_atomic(out / "smoke.md", text)
     print(text, end="")
     try:
-        from bench import report
+        from bench.render import report
 
         report.build(report.load([out]), out / "report", [str(out)])
     except ImportError as e:  # matplotlib missing on the device: the records are what matters

@@ -2,8 +2,8 @@
 
 Every measured run goes through `isolated` (`measure`, `sweep`, `validate`, `train --method all`): memory starts
 clean, whatever one run leaves behind cannot inflate the next, and a run that dies cannot take the caller with it.
-The child is a plain subprocess (`python -m bench.runner`), never a multiprocessing pool: a pool whose worker is
-killed (the kernel's OOM killer sends SIGKILL) never returns, and the caller hangs forever.
+The child is a plain subprocess (`python -m bench.measuring.runner`), never a multiprocessing pool: a pool whose
+worker is killed (the kernel's OOM killer sends SIGKILL) never returns, and the caller hangs forever.
 
 How a child's end becomes a result:
 - it returns: its JSON result;
@@ -125,7 +125,7 @@ def call(target: str, payload, *, timeout_s: float | None = None) -> object:
     returns its JSON result. Raises ConfigError for bad input the child found, RunFailed for everything else."""
     with tempfile.TemporaryDirectory(prefix="qlora-bench-run-") as tmp:
         result = Path(tmp) / "result.json"
-        cmd = [sys.executable, "-m", "bench.runner", target, str(result)]
+        cmd = [sys.executable, "-m", "bench.measuring.runner", target, str(result)]
         env = dict(os.environ, **CHILD_ENV, QLORA_BENCH_PARENT=str(os.getpid()))
         before = oom_kill_counts()
         # Its own session: on a time-out the whole group goes (tokenizer threads, a grandchild), never the caller.
@@ -166,7 +166,7 @@ def _kill_group(proc: subprocess.Popen) -> None:
 def isolated(fn, cfg: RunConfig, *, timeout_s: float | None = None, **kwargs):
     """fn(cfg, **kwargs) in a fresh process (see `call`); fn must be a module-level function returning JSON data."""
     target = f"{fn.__module__}:{fn.__qualname__}"
-    return call("bench.runner:_apply", [target, cfg.to_dict(), kwargs], timeout_s=timeout_s)
+    return call("bench.measuring.runner:_apply", [target, cfg.to_dict(), kwargs], timeout_s=timeout_s)
 
 
 def _apply(target: str, config: dict, kwargs: dict):

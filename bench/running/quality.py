@@ -96,8 +96,8 @@ def train_and_score(cfg: RunConfig, task: Task, eval_examples: list[Example], *,
                     with_base: bool = False, log=print) -> dict:
     """Build cfg, (optionally score the untrained model), train cfg.steps steps of the task, score. Returns the
     per-example scores, timings and (measure_memory) the ledger's categories of the second step."""
-    from bench import record
-    from bench.measure import ledgered_step
+    from bench.measuring import record
+    from bench.measuring.measure import ledgered_step
     from qlora.build import build, count_trainable
     from qlora.optim import make_optimizer
     from qlora.train import sync, train_step
@@ -168,7 +168,7 @@ def run(cfgs: list[RunConfig], task: Task, eval_examples: int, seeds: int, out: 
     full/lora builds of seed 0, the 4-bit base by the qlora build (LoRA's B starts at zero: the untrained model
     is the base).
     """
-    from bench import record
+    from bench.measuring import record
 
     held = task.heldout[:eval_examples]
     digest = eval_digest(held)
@@ -201,7 +201,7 @@ def run(cfgs: list[RunConfig], task: Task, eval_examples: int, seeds: int, out: 
 
 
 def records(cfgs: list[RunConfig], task: Task, held: list[Example], results: dict[str, list[dict]]) -> list[dict]:
-    from bench import record
+    from bench.measuring import record
 
     scores = {m: [r["tuned"] for r in rs] for m, rs in results.items()}
     bases = {}
@@ -257,7 +257,7 @@ def record_key(r: dict) -> str:
 
 def save(out: Path, new: list[dict]) -> None:
     """OUT/results.jsonl holds the latest record of every (task, held-out set, config); rewritten atomically."""
-    from bench import record
+    from bench.measuring import record
 
     path = out / "results.jsonl"
     old = record.read(path) if path.exists() else []
