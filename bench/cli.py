@@ -13,10 +13,8 @@ import sys
 from dataclasses import replace
 
 from bench.render.console import print_estimates, print_record
+from bench.schema import METHODS, GiB
 from qlora.config import ALL_LINEAR, ConfigError, RunConfig
-
-GiB = 2**30
-METHODS = ("full", "lora", "qlora")
 
 
 class BadInput(ConfigError):
@@ -177,9 +175,8 @@ def cmd_measure(args) -> int:
 
 
 def cmd_estimate(args) -> int:
-    from bench.measuring import record
     from bench.modelling import gpus
-    from bench.modelling.estimate import estimate_bytes, read_arch
+    from bench.modelling.records import estimate_record, fit_on
 
     if args.gpu and args.gpu.lower() == "list":
         for g in gpus.CATALOG.values():
@@ -191,15 +188,12 @@ def cmd_estimate(args) -> int:
     if (args.max or args.trials) and gpu is None:
         raise BadInput("--max and --trials need --gpu NAME (see --gpu list)")
     configs = configs_from_args(args, default_device="cuda", device_check=False)
-    arch = read_arch(configs[0])
     records = []
     for cfg in configs:
-        est = estimate_bytes(cfg, arch)
-        extra = {"peak_at": {"phase": est["phase"]}, "moments": est["moments"]}
+        r = estimate_record(cfg)
         if gpu is not None:
-            extra["fit"] = gpus.plan(gpu, cfg, arch, est["bytes"]["peak"], limits=args.max, side_by_side=args.trials)
-        records.append(record.make(cfg.to_dict(), source="estimated", status="ok", bytes_=est["bytes"],
-                                   env=record.environment("cpu"), layers=arch.layers, **extra))
+            r["on_gpu"] = fit_on(gpu, cfg, r["bytes"]["peak"], limits=args.max, side_by_side=args.trials)
+        records.append(r)
     if args.json:
         for r in records:
             print(json.dumps(r, allow_nan=False))
@@ -210,11 +204,12 @@ def cmd_estimate(args) -> int:
 
 def cmd_validate(args) -> int:
     from bench.measuring.runner import isolated
+    from bench.render import validation
     from bench.running import validate
 
     check_out_dir(args.out)
     rows = validate.run(args.plan, args.out, isolated)
-    print(validate.markdown(rows))
+    print(validation.markdown(rows, validate.TOLERANCE))
     bad = [r for r in rows if abs(r["peak_error"]) > validate.TOLERANCE]
     if bad:
         print(f"qlora-bench: {len(bad)} row(s) outside the {validate.TOLERANCE:.0%} peak tolerance", file=sys.stderr)
@@ -323,10 +318,12 @@ def cmd_compare(args) -> int:
 def cmd_quality(args) -> int:
     from pathlib import Path
 
+    from bench.render import quality as render_quality
     from bench.running import quality
+    from bench.running.plan import SPEC_KEYS
 
     check_out_dir(args.out)
-    spec = {k: getattr(args, k) for k in quality.SPEC_KEYS if getattr(args, k, None) is not None}
+    spec = {k: getattr(args, k) for k in SPEC_KEYS if getattr(args, k, None) is not None}
     plan = quality.prepare(spec, args.device or _default_device())
     if plan.eval_examples > len(plan.task.heldout):
         print(f"qlora-bench: {plan.task.name} has {len(plan.task.heldout)} held-out examples; scoring all of them",
@@ -340,19 +337,19 @@ def cmd_quality(args) -> int:
         for r in records:
             print(json.dumps(r, allow_nan=False))
     else:
-        print(quality.markdown(records), end="")
+        print(render_quality.markdown(records), end="")
     return 0
 
 
 def cmd_report(args) -> int:
     from pathlib import Path
 
-    from bench.render import report
+    from bench.running import reporting
 
     check_out_dir(args.out)
-    records = report.load(args.results)
-    files = report.build(records, Path(args.out), args.results)
-    print(f"{len(records)} records -> {args.out}/: {', '.join(files)}")
+    log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    records, derived, files = reporting.make(args.results, Path(args.out), log=log)
+    print(f"{len(records)} records and {len(derived)} estimates derived for them -> {args.out}/: {', '.join(files)}")
     return 0
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from bench.cli import main
+from bench.schema import label
 
 REFERENCE = Path(__file__).parent.parent / "reports" / "measure" / "llama-2-7b-cpu.jsonl"
 
@@ -76,7 +77,8 @@ def test_a_baseline_run_missing_from_new_fails_and_is_named(tmp_path, capsys, ba
     assert main(["compare", a, write(tmp_path / "b.jsonl", baseline[:1])]) == 3
     out = capsys.readouterr().out
     assert "2 of 3 runs regressed or missing" in out
-    assert "**Missing from new** (2): llama-2-7b lora 1x256; llama-2-7b qlora 1x256." in out
+    names = "; ".join(label(r["config"]) for r in baseline[1:])  # e.g. `llama-2-7b lora 1x256 at 2 layers`
+    assert f"**Missing from new** (2): {names}." in out and "llama-2-7b lora 1x256" in names
     assert out.count("| **missing from new** |") == 2
     # The other way round, the runs only in new are listed, not judged: nothing of the baseline is missing.
     assert main(["compare", str(tmp_path / "b.jsonl"), a]) == 0

@@ -78,7 +78,7 @@ def test_gpu_catalog_and_fit(capsys):
 
 def test_max_finds_the_boundary(capsys):
     assert main(["estimate", "llama-2-7b", "--method", "qlora", "--gpu", "rtx4090", "--max", "--json"]) == 0
-    fit = json.loads(capsys.readouterr().out)["fit"]
+    fit = json.loads(capsys.readouterr().out)["on_gpu"]
     gpu = gpus.lookup("rtx4090")
     base = RunConfig(model="llama-2-7b", method="qlora", device="cuda")
     from dataclasses import replace

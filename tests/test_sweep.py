@@ -137,8 +137,7 @@ def deep_tiny(tmp_path, layers=6):
 
 @pytest.mark.slow
 def test_oom_at_full_depth_is_measured_again_at_reduced_depth_and_resumes(tmp_path, capsys):
-    from bench.running import main_job
-    from bench.running.plan import read_plan
+    from bench.render import summary
 
     plan, out = tmp_path / "plan.toml", tmp_path / "out"
     plan.write_text(f'[[group]]\nmodel = ["{deep_tiny(tmp_path)}"]\nmethod = ["full"]\nseq_len = [32]\n'
@@ -152,7 +151,7 @@ def test_oom_at_full_depth_is_measured_again_at_reduced_depth_and_resumes(tmp_pa
     assert fallback["config"]["layers"] == 2 and fallback["fallback_for"] == oom["id"]
     assert [m["layers"] for m in fallback["measured_at"]] == [1, 2]
     assert fallback["bytes"]["peak"] > 4 * 2**20  # the full-depth figure, which did not fit
-    text = main_job.summary(read_plan(plan), [oom, fallback], [])
+    text = summary.markdown(plan.name, [oom, fallback], [])
     assert "| oom | over 0.004 (budget 0.004) |" in text and "extrapolated from 1 and 2 layers" in text
 
     # Killed between the oom and its fallback: the re-run owes (and runs) only the fallback.
@@ -184,7 +183,7 @@ def test_bench_runs_the_plan_estimates_and_writes_a_summary(tmp_path, capsys):
     row = next(line for line in summary.splitlines() if line.startswith("| tiny-llama | qlora |"))
     assert "| measured | ok |" in row
     est = read(out / "estimates.jsonl")
-    assert len(est) == 1 and est[0]["source"] == "estimated" and est[0]["headroom_bytes"]["rtx4090"] > 0
+    assert len(est) == 1 and est[0]["source"] == "estimated" and est[0]["cards"]["rtx4090"]["headroom_bytes"] > 0
     assert "| llama-2-7b | qlora | 1 x 512 | off | 8.18" in summary
     # Again: nothing to run. With --fresh: the old results are set aside, the run is measured again.
     assert main(["bench", "--plan", str(plan), "--out", str(out), "--device", "cpu"]) == 0

@@ -22,11 +22,10 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from bench.schema import CATEGORIES, STATIC, GiB
 from qlora import quantize
 from qlora.optim import optimizer_state_tensors
 
-CATEGORIES = ("weights", "quant_state", "adapter", "gradients", "optimizer", "activations", "other")
-STATIC = CATEGORIES[:5]
 TIMELINE_POINTS = 300
 
 
@@ -34,7 +33,7 @@ class BudgetExceeded(MemoryError):
     """Live tensors went over the budget a run was given (`--budget-gib`): an out-of-memory at that capacity."""
 
     def __init__(self, live: int, budget: int):
-        super().__init__(f"live tensors reached {live / 2**30:.4g} GiB, over the budget of {budget / 2**30:.4g} GiB")
+        super().__init__(f"live tensors reached {live / GiB:.4g} GiB, over the budget of {budget / GiB:.4g} GiB")
         self.live, self.budget = live, budget
 
 

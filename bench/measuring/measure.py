@@ -12,9 +12,10 @@ from dataclasses import replace
 import torch
 
 from bench.measuring import record
-from bench.measuring.ledger import CATEGORIES, BudgetExceeded, Ledger
+from bench.measuring.ledger import BudgetExceeded, Ledger
 from bench.measuring.probes import DeviceProbe, rss_anon_bytes
 from bench.measuring.runner import RunFailed, is_oom
+from bench.schema import CATEGORIES
 from qlora import models
 from qlora.build import build, count_trainable
 from qlora.config import ConfigError, RunConfig

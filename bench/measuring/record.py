@@ -11,17 +11,11 @@ import subprocess
 import tempfile
 from importlib import metadata
 from pathlib import Path
-from typing import get_args
 
-from qlora.config import ConfigError, Method
+from bench.schema import DEVICE_FIGURES, METHODS, REQUIRED, SCHEMA, SOURCES, STATUSES
+from qlora.config import ConfigError
 
-SCHEMA = 1
 PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "qlora-bench")
-SOURCES = ("measured", "extrapolated", "estimated")
-STATUSES = ("ok", "oom", "error")
-METHODS = get_args(Method)
-# What every consumer indexes directly; the other contract fields are read with defaults.
-REQUIRED = ("schema", "id", "source", "config", "status")
 
 
 def git_state() -> dict:
@@ -79,7 +73,7 @@ def make(config: dict, *, source: str, status: str, bytes_: dict | None, device_
         raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
     created = now()
     digest = hashlib.sha1(json.dumps([config, source, created], sort_keys=True).encode()).hexdigest()[:12]
-    figures = {"cuda_max_allocated": None, "cuda_max_reserved": None, "nvml_used": None, "rss_anon_peak": None}
+    figures = dict.fromkeys(DEVICE_FIGURES)
     figures.update(device_figures or {})
     return {
         "schema": SCHEMA,

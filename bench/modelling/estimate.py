@@ -22,12 +22,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from bench.schema import CATEGORIES
 from qlora import models
 from qlora.build import model_dtype
 from qlora.config import RunConfig
 from qlora.quantize import KEEP_UNQUANTISED
-
-CATEGORIES = ("weights", "quant_state", "adapter", "gradients", "optimizer", "activations", "other")
 
 
 @dataclass(frozen=True)
@@ -77,6 +76,18 @@ def read_arch(cfg: RunConfig) -> Arch:
         param_numels=tuple(p.numel() for p in params),
         max_positions=getattr(hf, "max_position_embeddings", None),
     )
+
+
+_ARCHS: dict[tuple, Arch] = {}
+
+
+def arch_of(cfg: RunConfig) -> Arch:
+    """read_arch, once per model, precision, targets and depth in this process (it builds the model on the meta
+    device, which takes a second at 7B): reports and plans estimate the same architecture many times."""
+    key = (cfg.model, cfg.precision, cfg.lora_targets, cfg.layers)
+    if key not in _ARCHS:
+        _ARCHS[key] = read_arch(cfg)
+    return _ARCHS[key]
 
 
 def quant_state_bytes(numel: int, double_quant: bool) -> int:

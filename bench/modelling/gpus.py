@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from bench.schema import MiB
 from qlora.config import ConfigError
 
-MiB, GiB = 2**20, 2**30
 CUDA_CONTEXT_BYTES = 512 * MiB
 ALLOCATOR_RESERVE = 0.05
 
@@ -76,23 +76,11 @@ def headroom(gpu: GPU, peak_bytes: int) -> int:
     return gpu.total_bytes - needed(peak_bytes)
 
 
-def plan(gpu: GPU, cfg, arch, peak_bytes: int, *, limits: bool = False, side_by_side: bool = False) -> dict:
-    """Fit of one estimated run on `gpu`: needed bytes, headroom, and optionally the largest sequence length and
-    batch that fit (`limits`) and how many runs fit side by side (`side_by_side`)."""
-    from bench.modelling.estimate import largest_fitting
-
-    out = {"gpu": gpu.name, "total_bytes": gpu.total_bytes, "needed_bytes": needed(peak_bytes),
-           "headroom_bytes": headroom(gpu, peak_bytes)}
-    out["fits"] = out["headroom_bytes"] >= 0
-    if side_by_side:
-        out["trials"] = trials(gpu, peak_bytes)
-    if limits:
-        def fits(peak):
-            return headroom(gpu, peak) >= 0
-
-        out["max_seq_len"] = largest_fitting(cfg, arch, "seq_len", fits, arch.max_positions or 131072)
-        out["max_batch_size"] = largest_fitting(cfg, arch, "batch_size", fits, 4096)
-    return out
+def on_card(gpu: GPU, peak_bytes: int) -> dict:
+    """A run with this tensor peak on `gpu`: headroom (negative: short by that much), how many such cards its
+    memory needs when the state is sharded across them, and how many such runs fit side by side on one."""
+    return {"headroom_bytes": headroom(gpu, peak_bytes), "cards_needed": -(-needed(peak_bytes) // gpu.total_bytes),
+            "trials": trials(gpu, peak_bytes)}
 
 
 def trials(gpu: GPU, peak_bytes: int) -> int:

@@ -1,13 +1,13 @@
-"""The report's charts (matplotlib, PNG and SVG), drawn from result records; estimator curves labelled estimated.
+"""The report's charts (matplotlib, PNG and SVG), drawn from result records; estimated curves and fits come from
+estimate records (bench.modelling.records.derived) and are labelled estimated.
 
-Every chart uses the same colour per memory category (bench.render.report.COLOURS) and per method, GiB on its memory
+Every chart uses the same colour per memory category (COLOURS) and per method, GiB on its memory
 axes, and a title that names the model, batch, sequence length and device. Output is deterministic for the same
 records (no dates in the files, a fixed SVG hash salt), so a regenerated report diffs clean.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import matplotlib
@@ -15,11 +15,17 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from bench.measuring.ledger import CATEGORIES  # noqa: E402
-from bench.render.report import CARD_LINES, COLOURS, METHOD_COLOURS, GiB, device_of, slug  # noqa: E402
-from qlora.config import RunConfig  # noqa: E402
+from bench.modelling import gpus  # noqa: E402 - the card catalog (names and sizes), not the estimator
+from bench.render.claims import FOLK_QUALITY  # noqa: E402
+from bench.render.select import Estimates, method_groups, quality_sets, runs, template  # noqa: E402
+from bench.schema import CATEGORIES, METHODS, GiB, device_name, slug  # noqa: E402
 
-METHODS = ("full", "lora", "qlora")
+# One colour per category in every chart (colour-blind-safe Okabe-Ito order).
+COLOURS = dict(zip(CATEGORIES, ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#D55E00", "#56B4E9", "#999999"),
+                   strict=True))
+METHOD_COLOURS = {"full": "#D55E00", "lora": "#0072B2", "qlora": "#009E73"}
+CARD_LINES = (24, 40, 80)  # GiB lines on the peak-against-sequence chart
+FIT_CARDS = ("t4", "rtx4090", "a100-40gb", "a100-80gb", "h200")
 plt.rcParams.update({"svg.hashsalt": "qlora-bench", "font.size": 9, "axes.spines.top": False,
                      "axes.spines.right": False, "figure.dpi": 110})
 
@@ -32,25 +38,6 @@ def save(fig, out: Path, name: str) -> list[str]:
     return [f"{name}.png", f"{name}.svg"]
 
 
-def groups(records: list[dict]) -> list[tuple[tuple, list[dict]]]:
-    """Measured or extrapolated ok runs that differ only in method, two methods or more, in first-seen order."""
-    out: dict[tuple, dict[str, dict]] = {}
-    for r in records:
-        if r["source"] == "estimated" or r["status"] != "ok" or r.get("quality"):
-            continue
-        c = r["config"]
-        key = (c["model"], c["batch_size"], c["seq_len"], c["grad_checkpointing"], c["precision"], device_of(r))
-        out.setdefault(key, {})[c["method"]] = r
-    found = [(k, [v[m] for m in METHODS if m in v]) for k, v in out.items() if len(v) >= 2]
-    # One picture per model and device: the first group (inputs in order) with the most methods.
-    best: dict[tuple, tuple] = {}
-    for k, rs in found:
-        place = (k[0], k[5])
-        if place not in best or len(rs) > len(best[place][1]):
-            best[place] = (k, rs)
-    return list(best.values())
-
-
 def _title(key: tuple, sources: set[str]) -> str:
     model, batch, seq, ckpt, precision, device = key
     return (f"{model}, batch {batch} x seq {seq}{', checkpointing' if ckpt else ''}, {precision}\n"
@@ -60,7 +47,7 @@ def _title(key: tuple, sources: set[str]) -> str:
 def breakdown(records: list[dict], out: Path) -> list[str]:
     """1. Stacked bars: memory at the peak by category for each method."""
     files = []
-    for key, rs in groups(records):
+    for key, rs in method_groups(records):
         fig, ax = plt.subplots(figsize=(5.2, 4.2))
         x = range(len(rs))
         bottom = [0.0] * len(rs)
@@ -79,30 +66,25 @@ def breakdown(records: list[dict], out: Path) -> list[str]:
     return files
 
 
-def _estimate_template(records: list[dict]) -> dict | None:
-    return next((r["config"] for r in records if r["source"] == "estimated"), None)
-
-
 def peak_vs_seq(records: list[dict], out: Path) -> list[str]:
     """2. Peak against sequence length per method (estimated curves, measured points), with card sizes."""
-    from bench.modelling.estimate import estimate_bytes, read_arch
-
-    base = _estimate_template(records)
+    base = template(records)
     if base is None:
         return []
-    cfg0 = RunConfig.from_dict({**base, "grad_checkpointing": False, "layers": None})
-    arch = read_arch(cfg0)
+    base = {**base, "grad_checkpointing": False, "layers": None}
+    estimates = Estimates(records)
     seqs = [128, 256, 512, 1024, 2048, 4096]
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for m in METHODS:
         for ckpt, style in ((False, "-"), (True, ":")):
-            cfg = replace(cfg0, method=m, grad_checkpointing=ckpt)
-            ys = [estimate_bytes(replace(cfg, seq_len=s), arch)["bytes"]["peak"] / GiB for s in seqs]
-            ax.plot(seqs, ys, style, color=METHOD_COLOURS[m], label=f"{m}{' + checkpointing' if ckpt else ''}")
-    for r in records:
+            points = [(s, estimates.peak(base, method=m, grad_checkpointing=ckpt, seq_len=s)) for s in seqs]
+            points = [(s, p / GiB) for s, p in points if p is not None]
+            if points:
+                ax.plot(*zip(*points, strict=True), style, color=METHOD_COLOURS[m],
+                        label=f"{m}{' + checkpointing' if ckpt else ''}")
+    for r in runs(records):
         c = r["config"]
-        if (r["source"] != "estimated" and r["status"] == "ok" and c["model"] == cfg0.model
-                and c["batch_size"] == cfg0.batch_size and not r.get("quality")):
+        if c["model"] == base["model"] and c["batch_size"] == base["batch_size"]:
             ax.plot(c["seq_len"], r["bytes"]["peak"] / GiB, "o" if not c["grad_checkpointing"] else "s",
                     color=METHOD_COLOURS[c["method"]], markeredgecolor="black")
     for gib in CARD_LINES:
@@ -112,41 +94,33 @@ def peak_vs_seq(records: list[dict], out: Path) -> list[str]:
     ax.set_xticks(seqs, [str(s) for s in seqs])
     ax.set_xlabel("sequence length (tokens)")
     ax.set_ylabel("peak GiB")
-    devices = sorted({device_of(r) for r in records if r["source"] != "estimated" and not r.get("quality")})
-    ax.set_title(f"Peak memory vs sequence length, {cfg0.model}, batch {cfg0.batch_size}, {cfg0.precision}\n"
+    devices = sorted({device_name(r) for r in runs(records)})
+    ax.set_title(f"Peak memory vs sequence length, {base['model']}, batch {base['batch_size']}, {base['precision']}\n"
                  f"lines: estimated for CUDA; markers: runs on {', '.join(devices) or '-'}\n"
                  "(circle: checkpointing off, square: on)", fontsize=8)
     ax.legend(frameon=False, fontsize=7, ncol=2)
-    return save(fig, out, f"peak-vs-seq-{slug(cfg0.model)}")
+    return save(fig, out, f"peak-vs-seq-{slug(base['model'])}")
 
 
 def fit_matrix(records: list[dict], out: Path) -> list[str]:
     """3. Method x GPU: the longest sequence that fits (estimated, batch of the estimate records)."""
-    from bench.modelling import gpus
-    from bench.modelling.estimate import largest_fitting, read_arch
-
-    base = _estimate_template(records)
-    if base is None:
+    base = template(records)
+    estimates = Estimates(records)
+    cards = FIT_CARDS
+    if base is None or not estimates.has_fit({**base, "layers": None}, cards[0], method=METHODS[0],
+                                              grad_checkpointing=False):
         return []
-    cards = ["t4", "rtx4090", "a100-40gb", "a100-80gb", "h200"]
+    base = {**base, "layers": None}
     fig, axes = plt.subplots(1, 2, figsize=(8.5, 2.8), sharey=True)
+    uppers = {r["fit"]["upper"] for r in records if r.get("fit")}
     for ax, ckpt in zip(axes, (False, True), strict=True):
-        cfg0 = RunConfig.from_dict({**base, "grad_checkpointing": ckpt, "layers": None})
-        arch = read_arch(cfg0)
-        grid = []
-        for m in METHODS:
-            row = []
-            for name in cards:
-                g = gpus.CATALOG[name]
-                best = largest_fitting(replace(cfg0, method=m), arch, "seq_len",
-                                       lambda peak, g=g: gpus.headroom(g, peak) >= 0, arch.max_positions or 131072)
-                row.append(best)
-            grid.append(row)
+        grid = [[estimates.longest(base, name, method=m, grad_checkpointing=ckpt) for name in cards]
+                for m in METHODS]
         shade = [[0 if v is None else min(v, 8192) for v in row] for row in grid]
         ax.imshow(shade, cmap="Greens", vmin=0, vmax=8192, aspect="auto")
         for i, row in enumerate(grid):
             for j, v in enumerate(row):
-                top = v is not None and v == (arch.max_positions or 0)
+                top = v is not None and v in uppers
                 text = "does not fit" if v is None else f"{v:,}" + (" (model max)" if top else "")
                 ax.text(j, i, text, ha="center", va="center", fontsize=7)
         ax.set_xticks(range(len(cards)), [gpus.CATALOG[c].label.replace("NVIDIA ", "") for c in cards],
@@ -175,35 +149,24 @@ def quality(records: list[dict], out: Path) -> list[str]:
             ax.errorbar(i, rel["value"], yerr=[[rel["value"] - rel["ci_low"]], [rel["ci_high"] - rel["value"]]],
                         fmt="o", color=colour, capsize=4)
         ax.axhline(1.0, color="black", lw=0.8)
-        for claimed, m in ((0.97, "lora"), (0.95, "qlora")):
+        for m, claimed in FOLK_QUALITY.items():
             ax.axhline(claimed, color=METHOD_COLOURS[m], lw=0.7, ls="--")
         ax.set_xticks(range(len(entries)), [e[0] for e in entries], rotation=15)
         ax.set_ylabel("score / Full FT's score")
         ax.set_title(f"{task} ({q0['metric']}), {rs[0]['config']['model']}\n{q0['eval_examples']} held-out, "
-                     f"{len(q0['seeds'])} seed(s), on {device_of(rs[0])}", fontsize=8)
+                     f"{len(q0['seeds'])} seed(s), on {device_name(rs[0])}", fontsize=8)
     fig.suptitle("Relative quality with 95% bootstrap intervals\n(dashed: the folk 97% for LoRA and 95% for QLoRA)",
                  fontsize=9)
     return save(fig, out, "quality")
 
 
-def quality_sets(records: list[dict]) -> dict[tuple, list[dict]]:
-    """Quality records with a relative figure, by (task, held-out set): one panel, one judgement each."""
-    out: dict[tuple, list[dict]] = {}
-    for r in records:
-        q = r.get("quality")
-        if q and q.get("relative"):
-            out.setdefault((q["task"], q["heldout_digest"], len(q["seeds"])), []).append(r)
-    return out
-
-
 def estimate_vs_measured(records: list[dict], out: Path) -> list[str]:
     """5. Estimated against measured peak, one point per run, with the 5% band."""
-    from bench.render.report import estimate_peak
-
+    estimates = Estimates(records)
     points = []
-    for r in records:
-        if r["source"] != "estimated" and r["status"] == "ok" and r.get("bytes") and not r.get("quality"):
-            est = estimate_peak(r["config"])
+    for r in runs(records):
+        if r.get("bytes"):
+            est = estimates.beside(r)
             if est:
                 points.append((r["bytes"]["peak"] / GiB, est / GiB, r["config"]["method"], r["source"]))
     if not points:
@@ -224,7 +187,7 @@ def estimate_vs_measured(records: list[dict], out: Path) -> list[str]:
     ax.set_yscale("log")
     ax.set_xlabel("measured peak GiB")
     ax.set_ylabel("estimated peak GiB")
-    devices = sorted({device_of(r) for r in records if r["source"] != "estimated"})
+    devices = sorted({device_name(r) for r in records if r["source"] != "estimated"})
     ax.set_title(f"Estimate vs measurement, {len(points)} runs\non {', '.join(devices)}")
     ax.legend(frameon=False, fontsize=7)
     return save(fig, out, "estimate-vs-measured")
@@ -233,7 +196,7 @@ def estimate_vs_measured(records: list[dict], out: Path) -> list[str]:
 def timeline(records: list[dict], out: Path) -> list[str]:
     """6. Live memory over one training step by category, per method, the peak marked."""
     files = []
-    for key, rs in groups(records):
+    for key, rs in method_groups(records):
         rs = [r for r in rs if r.get("timeline")]
         if not rs:
             continue

@@ -3,20 +3,21 @@ where ours comes from (measured, extrapolated or estimated, with record ids) and
 
 Verdicts: "holds" (within 10%), "off by X%" (within 50%), "refuted" (further, or a yes/no claim that is false).
 Claims are written in GB; so are our values here (10^9 bytes; the tables use GiB). The memory claims are judged
-on the estimator's CUDA figures at sequence 512 (where the measured runs of this machine were taken at 256 they are
-listed beside them); quality claims on the quality records, against their 95% intervals.
+on the estimate records' CUDA figures at sequence 512 (where the measured runs of this machine were taken at 256
+they are listed beside them); quality claims on the quality records, against their 95% intervals. Every figure
+quoted is a field of a record: the alternatives (another precision, rank or sequence length, the longest sequence
+that fits a card) are estimate records too (bench.modelling.records.derived).
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from bench.modelling import gpus  # the card catalog (names and sizes), not the estimator
+from bench.render.select import Estimates, quality_sets
+from bench.schema import GB, METHODS, GiB
 
-from bench.modelling import gpus
-from qlora.config import RunConfig
-
-GB, GiB = 10**9, 2**30
 TOLERANCE, FAR = 0.10, 0.50
 MODEL, SEQ = "llama-2-7b", 512
+FOLK_QUALITY = {"lora": 0.97, "qlora": 0.95}  # the share of Full FT's quality each method is said to keep
 
 
 def verdict(claimed: float, ours: float) -> tuple[str, float]:
@@ -46,19 +47,23 @@ def find(records: list[dict], source: str | tuple, **want) -> dict | None:
     return None
 
 
-def _estimate(cfg: RunConfig) -> dict:
-    from bench.modelling.estimate import estimate_bytes
-
-    return estimate_bytes(cfg)["bytes"]
-
-
 def memory_claims(records: list[dict]) -> list[dict]:
     base = dict(model=MODEL, seq_len=SEQ, batch_size=1, grad_checkpointing=False)
-    est = {m: find(records, "estimated", method=m, double_quant=True, **base) for m in ("full", "lora", "qlora")}
+    plain = [r for r in records if not r.get("fit") and not r.get("purpose")]
+    est = {m: find(plain, "estimated", method=m, double_quant=True, **base) for m in METHODS}
     if not all(est.values()):
         return []
+    estimates = Estimates(records)
     runs = {m: find(records, ("measured", "extrapolated"), model=MODEL, method=m, grad_checkpointing=False)
-            for m in ("full", "lora", "qlora")}
+            for m in METHODS}
+
+    def peak_gb(method: str, **changes) -> str:
+        peak = estimates.peak(est[method]["config"], **changes)
+        return "n/a" if peak is None else f"{peak / GB:.1f}"
+
+    def bytes_of(method: str, category: str, **changes) -> str:
+        r = estimates.of(est[method]["config"], **changes)
+        return "n/a" if r is None else f"{r['bytes'][category] / 1e6:.0f}"
 
     def beside(m):
         r = runs[m]
@@ -79,51 +84,49 @@ def memory_claims(records: list[dict]) -> list[dict]:
                      "source": "estimated", "records": [r["id"]] + ([run["id"]] if run else []),
                      "also": beside(method) if run else None, "verdict": v, "true_when": true_when})
 
-    f, lo, q = (est[m]["bytes"] for m in ("full", "lora", "qlora"))
-    fc = RunConfig.from_dict(est["full"]["config"])
-    mixed = _estimate(replace(fc, precision="mixed"))["peak"]
-    add("full-7b-total", "7B Full FT needs ~64 GB", "full", 64, f["peak"],
+    full, lora, qlora = (est[m]["bytes"] for m in METHODS)
+    add("full-7b-total", "7B Full FT needs ~64 GB", "full", 64, full["peak"],
         f"bf16 weights, gradients and AdamW moments (2+2+4 bytes a parameter) put the peak at the optimizer step, "
-        f"independent of sequence length up to 2048: {f['peak'] / GB:.1f} GB. With fp32 master weights and moments "
-        f"(mixed precision) it is {mixed / GB:.1f} GB")
-    add("full-7b-weights", "of which 14 GB weights", "full", 14, f["weights"], "bf16 weights: 2 bytes a parameter")
-    add("full-7b-gradients", "of which 14 GB gradients", "full", 14, f["gradients"], "bf16 gradients")
-    add("full-7b-optimizer", "of which 28 GB optimizer state", "full", 28, f["optimizer"],
+        f"independent of sequence length up to 2048: {full['peak'] / GB:.1f} GB. With fp32 master weights and "
+        f"moments (mixed precision) it is {peak_gb('full', precision='mixed')} GB")
+    add("full-7b-weights", "of which 14 GB weights", "full", 14, full["weights"], "bf16 weights: 2 bytes a parameter")
+    add("full-7b-gradients", "of which 14 GB gradients", "full", 14, full["gradients"], "bf16 gradients")
+    add("full-7b-optimizer", "of which 28 GB optimizer state", "full", 28, full["optimizer"],
         "AdamW's two moments in bf16 (4 bytes a parameter); fp32 moments would be twice that")
-    act = f["activations"] + f["other"]
+    act = full["activations"] + full["other"]
     add("full-7b-activations", "of which ~8 GB activations", "full", 8, act,
         f"at the peak (the optimizer step) the activations are already freed; what takes their place is "
-        f"foreach AdamW's temporaries ({f['other'] / GB:.1f} GB, counted as 'other'). Activations at the start of "
-        f"backward depend on batch x sequence (see the peak-vs-sequence chart)")
-    lc = RunConfig.from_dict(est["lora"]["config"])
-    add("lora-7b-total", "7B LoRA needs ~18 GB", "lora", 18, lo["peak"],
-        f"bf16 base, r={lc.lora_r} on all seven projections, sequence {lc.seq_len}; it grows with sequence length "
-        f"(activations), e.g. {est_at(lc, 2048) / GB:.1f} GB at 2048 without checkpointing")
-    qv = _estimate(replace(lc, lora_r=16, lora_targets=("q_proj", "v_proj")))["adapter"]
-    r8 = _estimate(replace(lc, lora_r=8))["adapter"]
-    add("lora-7b-adapters", "LoRA adapters ~50 MB", "lora", 0.05, lo["adapter"],
+        f"foreach AdamW's temporaries ({full['other'] / GB:.1f} GB, counted as 'other'). Activations at the start "
+        f"of backward depend on batch x sequence (see the peak-vs-sequence chart)")
+    lc = est["lora"]["config"]
+    add("lora-7b-total", "7B LoRA needs ~18 GB", "lora", 18, lora["peak"],
+        f"bf16 base, r={lc['lora_r']} on all seven projections, sequence {lc['seq_len']}; it grows with sequence "
+        f"length (activations), e.g. {peak_gb('lora', seq_len=2048)} GB at 2048 without checkpointing")
+    add("lora-7b-adapters", "LoRA adapters ~50 MB", "lora", 0.05, lora["adapter"],
         f"adapter bytes scale with rank and targets (bf16): r=16 on all seven projections is "
-        f"{lo['adapter'] / 1e6:.0f} MB, r=8 on all seven {r8 / 1e6:.0f} MB, r=16 on q and v only {qv / 1e6:.0f} MB")
-    add("lora-7b-optimizer", "LoRA optimizer state ~0.2 GB", "lora", 0.2, lo["optimizer"],
+        f"{lora['adapter'] / 1e6:.0f} MB, r=8 on all seven {bytes_of('lora', 'adapter', lora_r=8)} MB, r=16 on q "
+        f"and v only {bytes_of('lora', 'adapter', lora_r=16, lora_targets=['q_proj', 'v_proj'])} MB")
+    add("lora-7b-optimizer", "LoRA optimizer state ~0.2 GB", "lora", 0.2, lora["optimizer"],
         "AdamW moments of the adapters in bf16; in fp32 (mixed precision, with master copies) it is about 3x")
-    add("qlora-7b-total", "7B QLoRA needs ~8 GB", "qlora", 8, q["peak"],
+    add("qlora-7b-total", "7B QLoRA needs ~8 GB", "qlora", 8, qlora["peak"],
         f"NF4 base with double quantisation and bf16 compute, sequence {SEQ}; checkpointing takes it to "
-        f"{est_at(RunConfig.from_dict(est['qlora']['config']), SEQ, ckpt=True) / GB:.1f} GB")
-    add("qlora-7b-base", "with a 3.5 GB 4-bit base", "qlora", 3.5, q["weights"] + q["quant_state"],
+        f"{peak_gb('qlora', grad_checkpointing=True)} GB")
+    add("qlora-7b-base", "with a 3.5 GB 4-bit base", "qlora", 3.5, qlora["weights"] + qlora["quant_state"],
         "the packed 4-bit decoder weights alone are 3.24 GB; embeddings, norms and lm_head stay bf16 (0.5 GB) and "
         "the block constants add 0.1 GB")
-    ratio = q["peak"] / lo["peak"]
+    ratio = qlora["peak"] / lora["peak"]
     v, err = verdict(0.5, ratio)
-    r2048 = est_at(RunConfig.from_dict(est["qlora"]["config"]), 2048) / est_at(lc, 2048)
+    q2048, l2048 = (estimates.peak(est[m]["config"], seq_len=2048) for m in ("qlora", "lora"))
+    r2048 = "n/a" if q2048 is None or l2048 is None else f"{q2048 / l2048:.2f}x"
     rows.append({"id": "qlora-half-of-lora", "claim": "QLoRA cuts memory roughly in half compared with LoRA",
                  "setting": setting(est["qlora"]["config"], "estimated, CUDA"), "claimed": "0.5x",
                  "ours": f"{ratio:.2f}x", "error": round(err, 4), "source": "estimated",
                  "records": [est["qlora"]["id"], est["lora"]["id"]], "also": None, "verdict": v,
                  "true_when": f"short sequences, where the weights dominate; at 2048 tokens without checkpointing "
-                              f"the ratio is {r2048:.2f}x (activations are the same for both)"})
+                              f"the ratio is {r2048} (activations are the same for both)"})
     nodq = find(records, "estimated", method="qlora", double_quant=False, **base)
     if nodq is not None:
-        saved = nodq["bytes"]["quant_state"] - q["quant_state"]
+        saved = nodq["bytes"]["quant_state"] - qlora["quant_state"]
         v, err = verdict(0.4, saved / GB)
         rows.append({"id": "double-quant-saving", "claim": "double quantisation saves ~0.4 GB on a 7B model",
                      "setting": setting(est["qlora"]["config"], "estimated, CUDA"), "claimed": "0.4 GB",
@@ -132,54 +135,47 @@ def memory_claims(records: list[dict]) -> list[dict]:
                      "true_when": "the saving is 0.373 bits a quantised parameter (fp32 block constants per 64 "
                                   "weights become 8-bit, plus one fp32 per 256 blocks): 0.4 GB needs about 8.6B "
                                   "quantised parameters; Llama-2-7B quantises 6.48B"})
-    rows += gpu_claims(est)
+    if all("cards" in r for r in est.values()):
+        rows += gpu_claims(est, estimates)
     return rows
 
 
-def est_at(cfg: RunConfig, seq: int, ckpt: bool = False) -> int:
-    return _estimate(replace(cfg, seq_len=seq, grad_checkpointing=ckpt))["peak"]
-
-
-def max_seq(r: dict, card: str, ckpt: bool = False) -> int | None:
-    from bench.modelling.estimate import largest_fitting, read_arch
-
-    cfg = RunConfig.from_dict({**r["config"], "grad_checkpointing": ckpt})
-    arch = read_arch(cfg)
-    g = gpus.CATALOG[card]
-    return largest_fitting(cfg, arch, "seq_len", lambda peak: gpus.headroom(g, peak) >= 0, arch.max_positions or 131072)
-
-
-def gpu_claims(est: dict) -> list[dict]:
+def gpu_claims(est: dict, estimates: Estimates) -> list[dict]:
     rows = []
-    lora_4090, qlora_4090 = max_seq(est["lora"], "rtx4090"), max_seq(est["qlora"], "rtx4090")
-    qlora_4090_ckpt = max_seq(est["qlora"], "rtx4090", ckpt=True)
+
+    def longest(method: str, ckpt: bool = False) -> str:
+        config = {**est[method]["config"], "layers": None}
+        if not estimates.has_fit(config, "rtx4090", grad_checkpointing=ckpt):
+            return "n/a"
+        n = estimates.longest(config, "rtx4090", grad_checkpointing=ckpt)
+        return "none" if n is None else f"{n:,}"
+
+    lora_4090, qlora_4090, qlora_4090_ckpt = longest("lora"), longest("qlora"), longest("qlora", ckpt=True)
     for method, claim, cards, want in (
         ("full", "Full FT of 7B needs 2x A100", ("a100-40gb", "a100-80gb"), 2),
         ("lora", "LoRA of 7B needs 1x A100", ("a100-40gb", "a100-80gb"), 1),
         ("qlora", "QLoRA of 7B fits 1x RTX 4090 (24 GB)", ("rtx4090",), 1),
     ):
         r = est[method]
-        peak = r["bytes"]["peak"]
         parts, holds = [], []
         for card in cards:
-            g = gpus.CATALOG[card]
-            n = -(-gpus.needed(peak) // g.total_bytes)  # cards whose memory adds up to the need (state sharded)
-            parts.append(f"{g.label}: {'fits one' if n == 1 else f'{n} cards, sharded'} "
-                         f"(headroom on one {gpus.headroom(g, peak) / GiB:+.1f} GiB)")
+            fit = r["cards"][card]
+            n = fit["cards_needed"]  # cards whose memory adds up to the need (state sharded)
+            parts.append(f"{gpus.CATALOG[card].label}: {'fits one' if n == 1 else f'{n} cards, sharded'} "
+                         f"(headroom on one {fit['headroom_bytes'] / GiB:+.1f} GiB)")
             holds.append(n == want)
         v = "holds" if all(holds) else "refuted" if not any(holds) else "holds for " + ", ".join(
             gpus.CATALOG[c].label for c, h in zip(cards, holds, strict=True) if h) + " only"
         true_when = {"full": "an A100 80GB holds the whole bf16 Full FT of 7B at sequence 512 (one card); "
                              "two are needed only with 40 GB cards, with the state sharded (FSDP or ZeRO)",
-                     "lora": f"it also fits a 24 GB card up to {lora_4090:,} tokens without checkpointing; "
+                     "lora": f"it also fits a 24 GB card up to {lora_4090} tokens without checkpointing; "
                              "an A100 is needed beyond that (or checkpointing)",
-                     "qlora": f"on an RTX 4090 up to {qlora_4090:,} tokens without checkpointing and "
-                              f"{qlora_4090_ckpt:,} with it (estimated)"}[method]
+                     "qlora": f"on an RTX 4090 up to {qlora_4090} tokens without checkpointing and "
+                              f"{qlora_4090_ckpt} with it (estimated)"}[method]
         rows.append({"id": f"gpus-{method}", "claim": claim, "setting": setting(r["config"], "estimated, CUDA"),
                      "claimed": f"{want}x", "ours": "; ".join(parts), "error": None, "source": "estimated",
                      "records": [r["id"]], "also": None, "verdict": v, "true_when": true_when})
-    trials = {m: {c: gpus.trials(gpus.CATALOG[c], est[m]["bytes"]["peak"]) for c in ("rtx4090", "a100-80gb")}
-              for m in est}
+    trials = {m: {c: est[m]["cards"][c]["trials"] for c in ("rtx4090", "a100-80gb")} for m in est}
     more = all(trials["qlora"][c] > trials["lora"][c] for c in ("rtx4090", "a100-80gb"))
     rows.append({"id": "qlora-more-trials", "claim": "QLoRA fits more hyper-parameter search trials per GPU",
                  "setting": setting(est["qlora"]["config"], "estimated, CUDA"), "claimed": "more than LoRA",
@@ -194,8 +190,6 @@ def gpu_claims(est: dict) -> list[dict]:
 
 def quality_claims(records: list[dict]) -> list[dict]:
     rows = []
-    from bench.render.charts import quality_sets
-
     # Per task, the largest evaluation (held-out examples x seeds) is the one judged.
     by_task: dict[str, dict[str, dict]] = {}
     for (task, _, _), rs in quality_sets(records).items():
@@ -206,7 +200,7 @@ def quality_claims(records: list[dict]) -> list[dict]:
             if any(r["config"]["method"] == "full" for r in rs):
                 by_task[task] = {r["config"]["method"]: r for r in rs}
     for task, rs in by_task.items():
-        for method, claimed in (("lora", 0.97), ("qlora", 0.95)):
+        for method, claimed in FOLK_QUALITY.items():
             r = rs.get(method)
             if r is None:
                 continue

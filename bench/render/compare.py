@@ -15,11 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.measuring import record
-from bench.measuring.ledger import CATEGORIES
-from bench.running.plan import key
+from bench.schema import CATEGORIES, GiB, MiB, device_name, label, run_key
 from qlora.config import ConfigError
-
-GiB, MiB = 2**30, 2**20
 
 
 @dataclass
@@ -41,7 +38,7 @@ def load(path: str | Path) -> dict[str, dict]:
     out = {}
     for n, r in record.read_numbered(path):
         try:
-            out[key(r["config"])] = r
+            out[run_key(r["config"])] = r
         except (ValueError, TypeError, AttributeError) as e:  # RunConfig's checks, and values of the wrong type
             raise ConfigError(f"{path}:{n}: config is not a run configuration ({e})") from None
     if not out:
@@ -73,17 +70,13 @@ def compare(baseline: dict[str, dict], new: dict[str, dict], *, memory_threshold
             if b - a > max(memory_threshold * a, floor_bytes):
                 row.problems.append(f"{c} +{(b - a) / MiB:,.1f} MiB ({(b - a) / a:+.1%})" if a else
                                     f"{c} +{(b - a) / MiB:,.1f} MiB (was 0)")
-        if device(old) != device(cur):
-            row.notes.append(f"step time not compared: {device(old)} vs {device(cur)}")
+        if device_name(old) != device_name(cur):
+            row.notes.append(f"step time not compared: {device_name(old)} vs {device_name(cur)}")
             continue
         (ta, where), (tb, _) = timed(old), timed(cur)
         if ta and tb and tb > ta * (1 + time_threshold):
             row.problems.append(f"step time{where} {tb / ta - 1:+.0%}")
     return rows
-
-
-def device(r: dict) -> str | None:
-    return ((r.get("env") or {}).get("device") or {}).get("name")
 
 
 def timed(r: dict) -> tuple[float | None, str]:
@@ -95,18 +88,13 @@ def timed(r: dict) -> tuple[float | None, str]:
     return r.get("step_seconds"), ""
 
 
-def describe(config: dict) -> str:
-    ckpt = " ckpt" if config.get("grad_checkpointing") else ""
-    return f"{config['model']} {config['method']} {config['batch_size']}x{config['seq_len']}{ckpt}"
-
-
 def peak_of(r: dict) -> int | None:
     return (r.get("bytes") or {}).get("peak") if r["status"] == "ok" else None
 
 
 def markdown(rows: list[Row], baseline: str, new: str) -> str:
     bad = [r for r in rows if r.problems]
-    missing = [describe(r.config) for r in rows if r.missing]
+    missing = [label(r.config) for r in rows if r.missing]
     only_new = sum(r.old is None for r in rows)
     lines = [f"## qlora-bench compare: {len(bad)} of {len(rows) - only_new} runs regressed or missing", "",
              f"Baseline `{baseline}`, new `{new}`."
@@ -118,7 +106,7 @@ def markdown(rows: list[Row], baseline: str, new: str) -> str:
     for r in rows:
         if r.old is None or r.new is None:
             where = "new only" if r.old is None else "**missing from new**"
-            lines.append(f"| {describe(r.config)} | | | | {where} |")
+            lines.append(f"| {label(r.config)} | | | | {where} |")
             continue
         peaks = [peak_of(x) for x in (r.old, r.new)]
         peak = " → ".join("—" if p is None else f"{p / GiB:.3f}" for p in peaks)
@@ -128,5 +116,5 @@ def markdown(rows: list[Row], baseline: str, new: str) -> str:
         verdict = "**regressed**: " + "; ".join(r.problems) if r.problems else "ok"
         if r.notes:
             verdict += " (" + "; ".join(r.notes) + ")"
-        lines.append(f"| {describe(r.config)} | {peak} | {delta} | {times} | {verdict} |")
+        lines.append(f"| {label(r.config)} | {peak} | {delta} | {times} | {verdict} |")
     return "\n".join(lines) + "\n"

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from bench.measuring.ledger import CATEGORIES
-
-GiB = 2**30
+from bench.schema import CATEGORIES, DEVICE_FIGURES, GiB, MiB
 
 
 def fmt_bytes(n, unit: int) -> str:
@@ -24,7 +22,7 @@ def print_record(r: dict) -> None:
         print(f"  {r['status'].upper()}: {r['error']}")
         return
     b = r["bytes"]
-    unit, name = (GiB, "GiB") if b["peak"] >= GiB / 4 else (2**20, "MiB")
+    unit, name = (GiB, "GiB") if b["peak"] >= GiB / 4 else (MiB, "MiB")
     print(f"  {'category':<13}{name:>10}{'share':>8}")
     for k in CATEGORIES:
         print(f"  {k:<13}{fmt_bytes(b[k], unit):>10}{b[k] / b['peak']:>8.1%}")
@@ -36,7 +34,7 @@ def print_record(r: dict) -> None:
     f = r["first_step"]
     print(f"  first step: peak {fmt_bytes(f['peak'], unit)} {name} in {f['peak_at']['phase']} "
           f"(it allocates the optimizer state)")
-    for key in ("cuda_max_allocated", "cuda_max_reserved", "nvml_used"):
+    for key in DEVICE_FIGURES[:3]:  # the CUDA ones; RSS is set beside the ledger below
         if r.get(key) is not None:
             print(f"  device {key}: {fmt_bytes(r[key], unit)} {name}")
     if r.get("rss_anon_peak") is not None:
@@ -66,7 +64,7 @@ def print_estimates(records: list[dict], gpu) -> None:
         return
     print(f"  on {gpu.label} ({gpu.total_bytes / GiB:.1f} GiB; needs peak + 5% + 0.5 GiB context):")
     for r in records:
-        f = r["fit"]
+        f = r["on_gpu"]
         verdict = "fits" if f["fits"] else "does not fit"
         line = f"    {r['config']['method']:<6} {verdict:<13} headroom {f['headroom_bytes'] / GiB:+.2f} GiB"
         if "trials" in f:

@@ -30,9 +30,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from bench.running.plan import PLANS_DIR
+from bench.schema import GiB, MiB, label
 
 PLAN = PLANS_DIR / "gpu-smoke.toml"
-GiB, MiB = 2**30, 2**20
 LEDGER_TOLERANCE = 0.02  # of the peak, plus the allowance: the GPU test's bound
 # cuBLAS/cuBLASLt workspaces (tens of MiB per handle and stream; forward and autograd's backward thread each have
 # one) and buffers allocated inside kernels (bitsandbytes' dequantised weight), which the allocator holds and no
@@ -81,7 +81,7 @@ def run(out: Path, device: str, timeout_s: float, log) -> list[dict]:
             cfg = replace(r.config, **REHEARSAL)
             records.append(sweep.run_isolated(check(cfg), None, timeout_s))
             record.append(results, records[-1])
-            log(f"{sweep.describe(cfg)} (cpu rehearsal): {sweep.outcome(records[-1])}")
+            log(f"{label(cfg.to_dict())} (cpu rehearsal): {sweep.outcome(records[-1])}")
     return records
 
 
@@ -147,7 +147,7 @@ def markdown(env: dict, rows: list[tuple[str, bool, str]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from bench.measuring import record
-    from bench.running import main_job
+    from bench.modelling.records import estimate_record
     from bench.running.plan import read_plan
 
     p = argparse.ArgumentParser(prog="python -m bench.running.gpu_smoke", description=__doc__.split("\n")[0])
@@ -164,16 +164,16 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(args.device)
     record.write_atomic(out / "env.json", json.dumps(env, indent=1) + "\n")
     records = run(out, args.device, args.timeout_s, log)
-    estimates = [main_job.estimate_for(c) for c in read_plan(PLAN, "cuda").estimates]
+    estimates = [estimate_record(replace(c, layers=None)) for c in read_plan(PLAN, "cuda").estimates]
     record.write_atomic(out / "estimates.jsonl", "".join(json.dumps(e) + "\n" for e in estimates))
     rows = checks(records)
     text = markdown(env, rows)
     record.write_atomic(out / "smoke.md", text)
     print(text, end="")
     try:
-        from bench.render import report
+        from bench.running import reporting
 
-        report.build(report.load([out]), out / "report", [str(out)])
+        reporting.make([str(out)], out / "report")
     except ImportError as e:  # matplotlib missing on the device: the records are what matters
         log(f"report skipped: {e}")
     return 0 if rows and all(ok for _, ok, _ in rows) else 1

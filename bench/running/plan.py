@@ -20,7 +20,6 @@
 from __future__ import annotations
 
 import itertools
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +29,9 @@ from qlora.config import ConfigError, RunConfig
 
 PLANS_DIR = Path(__file__).resolve().parents[1] / "plans"  # the committed plans: bench/plans/
 TABLES = ("group", "estimate", "quality")
+# The keys of a [[quality]] table, the options of `qlora-bench quality` (`methods` is its --method).
+SPEC_KEYS = ("model", "methods", "task", "data", "eval_data", "setting", "steps", "seeds", "eval_examples",
+             "batch_size", "seq_len", "lr", "precision", "lora_r", "seed")
 FALLBACK_KEY = "oom_fallback_layers"
 
 
@@ -98,8 +100,6 @@ def read_plan(path: str | Path, device: str = "cpu") -> Plan:
                                   "applies to full-depth runs")
             runs.append(PlannedRun(cfg, fallback))
     estimates = [c for i, g in enumerate(raw.get("estimate", [])) for c in _matrix(path, "estimate", i, g, device)]
-    from bench.running.quality import SPEC_KEYS
-
     for i, spec in enumerate(raw.get("quality", [])):
         unknown = sorted(set(spec) - set(SPEC_KEYS))
         if unknown or "model" not in spec:
@@ -111,8 +111,3 @@ def read_plan(path: str | Path, device: str = "cpu") -> Plan:
 def load_plan(path: str | Path, device: str = "cpu") -> list[RunConfig]:
     """The RunConfigs of a plan file's [[group]] tables (see read_plan)."""
     return read_plan(path, device).configs
-
-
-def key(config: dict) -> str:
-    """Identity of a run: the full config, defaults filled in, so records from before a new field still match."""
-    return json.dumps(RunConfig.from_dict(config).to_dict(), sort_keys=True)

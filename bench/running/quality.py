@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.render import quality as render_quality
+from bench.schema import METHODS, run_key
 from qlora.config import RunConfig
 from qlora.scoring import IGNORE, collate, schedule, score, summarise, training_pairs
 from qlora.tasks import Example, Task
@@ -177,14 +179,14 @@ def run(cfgs: list[RunConfig], task: Task, eval_examples: int, seeds: int, out: 
     done = {}
     if runs_file is not None and runs_file.exists():
         for r in record.read_objects(runs_file):
-            done[(r["task"], r["heldout_digest"], json.dumps(r["config"], sort_keys=True),
-                  (r.get("env") or {}).get("git_commit"))] = r
+            done[run_key(r["config"], task=r["task"], heldout=r["heldout_digest"],
+                         commit=(r.get("env") or {}).get("git_commit"))] = r
     base_by = next((c.method for c in cfgs if c.method in ("full", "lora")), None)
     results: dict[str, list[dict]] = {c.method: [] for c in cfgs}
     for seed in range(seeds):
         for c in cfgs:
             cfg = replace(c, seed=c.seed + seed)
-            k = (task.name, digest, json.dumps(cfg.to_dict(), sort_keys=True), commit)
+            k = run_key(cfg.to_dict(), task=task.name, heldout=digest, commit=commit)
             if k in done:
                 log(f"{task.name} {cfg.method} seed {cfg.seed}: already scored")
                 r = done[k]
@@ -252,7 +254,7 @@ def _relative(b: dict | None) -> dict:
 
 
 def record_key(r: dict) -> str:
-    return json.dumps([r["quality"]["task"], r["quality"]["heldout_digest"], r["config"]], sort_keys=True)
+    return run_key(r["config"], task=r["quality"]["task"], heldout=r["quality"]["heldout_digest"])
 
 
 def save(out: Path, new: list[dict]) -> None:
@@ -264,80 +266,11 @@ def save(out: Path, new: list[dict]) -> None:
     keys = {record_key(r) for r in new}
     kept = [r for r in old if record_key(r) not in keys] + new
     record.write_atomic(path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in kept))
-    record.write_atomic(out / "summary.md", markdown(kept))
-
-
-def _interval(x: dict | None, fmt: str) -> str:
-    if x is None:
-        return "—"
-    return f"{x['value']:{fmt}} [{x['ci_low']:{fmt}}, {x['ci_high']:{fmt}}]"
-
-
-def markdown(records: list[dict]) -> str:
-    """Per task: the bases and every method's held-out metric, relative quality to Full FT with its 95% interval."""
-    lines = ["# qlora-bench quality", "",
-             "Relative quality = score / Full FT's score, where the score is accuracy (choice tasks) or exp(-loss) "
-             "on the held-out targets (1/perplexity); intervals: 95% percentile bootstrap over seeds and held-out "
-             "examples together. *Difference*: method minus Full FT (accuracy points, or score).", ""]
-    tasks_seen = []
-    for r in records:
-        t = (r["quality"]["task"], r["quality"]["heldout_digest"])
-        if t not in tasks_seen:
-            tasks_seen.append(t)
-    for task, digest in tasks_seen:
-        rs = [r for r in records if (r["quality"]["task"], r["quality"]["heldout_digest"]) == (task, digest)]
-        q0, c0 = rs[0]["quality"], rs[0]["config"]
-        acc = q0["metric"] == "accuracy"
-        lines += [f"## {task} ({q0['source']})", "",
-                  f"{c0['model']}; {q0['eval_examples']} held-out examples; seeds {q0['seeds']}; "
-                  f"{q0['train']['steps']} steps of {q0['train']['batch_size']} examples "
-                  f"({q0['train']['tokens']:,} tokens per method and seed) at seq_len ≤ {c0['seq_len']}; "
-                  f"precision {c0['precision']}; LoRA r={c0['lora_r']} on {len(c0['lora_targets'])} projections.",
-                  ""]
-        if q0.get("caveat"):
-            lines += [f"Caveat: {q0['caveat']}.", ""]
-        head = "| model | lr | " + ("accuracy | " if acc else "") + "loss | perplexity | relative quality [95% CI] | " \
-               "difference [95% CI] | peak GiB | step s |"
-        lines += [head, "|---|---|" + ("---|" if acc else "") + "---|---|---|---|---|---|"]
-        for name, label in (("base", "base (untrained)"), ("base_4bit", "4-bit base (untrained, NF4)")):
-            b = q0.get(name)
-            if b:
-                lines.append(f"| {label} | — | " + (f"{b['accuracy']:.3f} | " if acc else "") +
-                             f"{b['loss']:.4f} | {b['perplexity']:.3f} | {_interval(b['relative'], '.3f')} | "
-                             f"{_interval(b['difference'], '+.2f' if acc else '+.4f')} | | |")
-        for r in rs:
-            q, c = r["quality"], r["config"]
-            peak = "—" if not r.get("bytes") else f"{r['bytes']['peak'] / 2**30:.3f}"
-            lines.append(f"| {c['method']} | {q['train']['lr']:g} | " + (f"{q['accuracy']:.3f} | " if acc else "") +
-                         f"{q['loss']:.4f} | {q['perplexity']:.3f} | {_interval(q['relative'], '.3f')} | "
-                         f"{_interval(q['difference'], '+.2f' if acc else '+.4f')} | {peak} | "
-                         f"{r['step_seconds']:.3f} |")
-        if acc:
-            lines += ["", _resolution(rs), "",
-                      "Loss and perplexity are on the answer and the end-of-sequence token after it, as trained; the "
-                      "untrained bases do not expect the answer to end there, hence their large loss."]
-        lines.append("")
-    return "\n".join(lines)
-
-
-def _resolution(rs: list[dict]) -> str:
-    """Whether the intervals can separate a 2-point difference from Full FT."""
-    widths = {r["config"]["method"]: (r["quality"]["difference"]["ci_high"] - r["quality"]["difference"]["ci_low"]) / 2
-              for r in rs if r["quality"].get("difference") and r["config"]["method"] != "full"}
-    if not widths:
-        return "No Full FT run: no relative quality."
-    parts = [f"{m} ±{w:.1f} points" for m, w in widths.items()]
-    can = all(w < 2 for w in widths.values())
-    return (f"Interval half-widths of the difference from Full FT: {', '.join(parts)}: "
-            + ("these runs can separate a 2-point difference." if can else
-               "these runs cannot separate a 2-point difference; more seeds or held-out examples would."))
+    record.write_atomic(out / "summary.md", render_quality.markdown(kept))
 
 
 # ---- what to run: from the CLI or a plan's [[quality]] table -----------------------------------------------
 
-SPEC_KEYS = ("model", "methods", "task", "data", "eval_data", "setting", "steps", "seeds", "eval_examples",
-             "batch_size", "seq_len", "lr", "precision", "lora_r", "seed")
-METHODS = ("full", "lora", "qlora")
 
 
 @dataclass(frozen=True)
@@ -379,9 +312,7 @@ def prepare(spec: dict, device: str) -> QualityPlan:
     from qlora import models, tasks
     from qlora.config import ConfigError
 
-    unknown = sorted(set(spec) - set(SPEC_KEYS))
-    if unknown:
-        raise ConfigError(f"unknown quality key(s): {', '.join(unknown)}")
+    # The keys were checked where the spec was written: the plan file (bench.running.plan) or the CLI's options.
     if "model" not in spec:
         raise ConfigError("a quality run needs a model")
     methods = spec.get("methods", "full,lora,qlora")

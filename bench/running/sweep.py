@@ -12,7 +12,6 @@ from __future__ import annotations
 import fcntl
 import functools
 import hashlib
-import json
 import time
 from contextlib import contextmanager
 from dataclasses import replace
@@ -22,10 +21,10 @@ from pathlib import Path
 from bench.measuring import record
 from bench.measuring.runner import isolated
 from bench.running.plan import PlannedRun, read_plan
+from bench.schema import GiB, label, run_key
 from qlora import models
 from qlora.config import ConfigError, RunConfig
 
-GiB = 2**30
 STACK_PACKAGES = ("torch", "transformers", "peft", "bitsandbytes")
 
 
@@ -38,16 +37,10 @@ def stack(device: str) -> dict:
             "commit": record.git_state()["git_commit"]}
 
 
-def run_key(config: dict, stack_: dict, budget: int | None) -> str:
-    """A run's identity for resuming: config, stack, and the budget it was held to."""
-    normal = RunConfig.from_dict(config).to_dict()
-    return json.dumps({"config": normal, "stack": stack_, "budget": budget}, sort_keys=True)
-
-
 def record_key(r: dict) -> str:
     packages = {p: r["env"]["packages"].get(p) for p in STACK_PACKAGES}
     here = {"packages": packages, "device": r["env"]["device"]["name"], "commit": r["env"].get("git_commit")}
-    return run_key(r["config"], here, r.get("budget_bytes"))
+    return run_key(r["config"], stack=here, budget=r.get("budget_bytes"))
 
 
 def measured(results: Path) -> list[tuple[str, dict]]:
@@ -87,12 +80,6 @@ def progress(done: int, total: int, elapsed: float, width: int = 24) -> str:
     return f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} · {elapsed / 60:.1f} min · {tail}"
 
 
-def describe(cfg: RunConfig) -> str:
-    depth = f" at {cfg.layers} layers" if cfg.layers is not None else ""
-    return (f"{cfg.model} {cfg.method} seq {cfg.seq_len} batch {cfg.batch_size}"
-            f"{' ckpt' if cfg.grad_checkpointing else ''}{depth}")
-
-
 def outcome(r: dict) -> str:
     if r["status"] == "ok":
         label = " extrapolated" if r["source"] == "extrapolated" else ""
@@ -120,7 +107,7 @@ def run(plan: str | Path, out: str | Path, *, device: str, budget_gib: float | N
     def key_of(cfg: RunConfig) -> str:
         if cfg.device not in stacks:
             stacks[cfg.device] = stack(cfg.device)
-        return run_key(cfg.to_dict(), stacks[cfg.device], budget)
+        return run_key(cfg.to_dict(), stack=stacks[cfg.device], budget=budget)
 
     def recorded() -> dict[str, dict]:
         """Finished runs (ok or oom) in OUT, read afresh: another sweep may have added some."""
@@ -135,7 +122,7 @@ def run(plan: str | Path, out: str | Path, *, device: str, budget_gib: float | N
         + (f", {len(queue) - fresh} reduced-depth fallback(s) owed" if len(queue) > fresh else ""))
     if dry_run:
         for _, cfg, _ in queue:
-            log(f"  would run: {describe(cfg)}")
+            log(f"  would run: {label(cfg.to_dict())}")
         return []
     total, finished, started, deferred = len(queue), 0, time.monotonic(), []
     while queue or deferred:
@@ -164,7 +151,7 @@ def run(plan: str | Path, out: str | Path, *, device: str, budget_gib: float | N
             total += 1
         else:
             follow = None
-        log(f"{progress(finished, total, time.monotonic() - started)}  {describe(cfg)}: {how}"
+        log(f"{progress(finished, total, time.monotonic() - started)}  {label(cfg.to_dict())}: {how}"
             + (f" · next: the same at {follow.layers} layers" if follow is not None else ""))
     latest = dict(measured(results))
     wanted = [key_of(r.config) for r in runs]
@@ -187,7 +174,7 @@ def _checked(plan, cfg: RunConfig) -> RunConfig:
     try:
         return check(cfg)
     except ConfigError as e:
-        raise ConfigError(f"{plan}: run {describe(cfg)}: {e}") from None
+        raise ConfigError(f"{plan}: run {label(cfg.to_dict())}: {e}") from None
 
 
 def owed(runs: list[PlannedRun], done: dict[str, dict], key_of) -> list[tuple]:

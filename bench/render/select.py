@@ -1,0 +1,89 @@
+"""Which records a table, chart or verdict reads: lookups over a list of result records, nothing computed anew."""
+
+from __future__ import annotations
+
+from bench.schema import METHODS, device_name, run_key
+
+
+class Estimates:
+    """The estimate records among `records`, found by the setting they stand for (schema.run_key of the config)."""
+
+    def __init__(self, records: list[dict]):
+        self.by_key: dict[str, dict] = {}
+        self.fits: dict[tuple, int | None] = {}
+        for r in records:
+            if r["source"] != "estimated" or r["status"] != "ok":
+                continue
+            fit = r.get("fit")
+            if fit:
+                c = r["config"]
+                self.fits[(c["model"], c["batch_size"], c["precision"], c["method"], c["grad_checkpointing"],
+                           fit["base_seq_len"], fit["gpu"])] = fit["largest"]
+            else:
+                self.by_key.setdefault(run_key(r["config"]), r)
+
+    def of(self, config: dict, **changes) -> dict | None:
+        """The estimate record of `config` with `changes` applied (None when there is none)."""
+        try:
+            return self.by_key.get(run_key({**config, **changes}))
+        except ValueError:  # a config this version cannot read names no estimate
+            return None
+
+    def peak(self, config: dict, **changes) -> int | None:
+        r = self.of(config, **changes)
+        return None if r is None else r["bytes"]["peak"]
+
+    def beside(self, r: dict) -> int | None:
+        """The estimated peak of a run's config at the depth its figures stand for (full depth)."""
+        return self.peak(r["config"], layers=None)
+
+    def longest(self, config: dict, card: str, **changes) -> int | None:
+        """The longest sequence of config's setting that fits `card`, from a fit record (None: not even one token,
+        or no such record: see `has_fit`)."""
+        return self.fits.get(self._fit_key(config, card, changes))
+
+    def has_fit(self, config: dict, card: str, **changes) -> bool:
+        return self._fit_key(config, card, changes) in self.fits
+
+    @staticmethod
+    def _fit_key(config: dict, card: str, changes: dict) -> tuple:
+        c = {**config, **changes}
+        return (c["model"], c["batch_size"], c["precision"], c["method"], c["grad_checkpointing"], c["seq_len"], card)
+
+
+def template(records: list[dict]) -> dict | None:
+    """The setting the curves and the fit matrix are drawn for: the first estimate's (not a derived fit)."""
+    return next((r["config"] for r in records if r["source"] == "estimated" and not r.get("fit")
+                 and not r.get("purpose")), None)
+
+
+def runs(records: list[dict]) -> list[dict]:
+    """Measured and extrapolated memory runs that finished (quality runs aside)."""
+    return [r for r in records if r["source"] != "estimated" and r["status"] == "ok" and not r.get("quality")]
+
+
+def method_groups(records: list[dict]) -> list[tuple[tuple, list[dict]]]:
+    """Runs that differ only in method, two methods or more: one group per model and device (the first group, in
+    input order, with the most methods)."""
+    out: dict[tuple, dict[str, dict]] = {}
+    for r in runs(records):
+        c = r["config"]
+        key = (c["model"], c["batch_size"], c["seq_len"], c["grad_checkpointing"], c["precision"], device_name(r))
+        out.setdefault(key, {})[c["method"]] = r
+    found = [(k, [v[m] for m in METHODS if m in v]) for k, v in out.items() if len(v) >= 2]
+    best: dict[tuple, tuple] = {}
+    for k, rs in found:
+        place = (k[0], k[5])
+        if place not in best or len(rs) > len(best[place][1]):
+            best[place] = (k, rs)
+    return list(best.values())
+
+
+def quality_sets(records: list[dict]) -> dict[tuple, list[dict]]:
+    """Quality records with a relative figure, by (task, held-out set, seeds): one panel, one judgement each."""
+    out: dict[tuple, list[dict]] = {}
+    for r in records:
+        q = r.get("quality")
+        if q and q.get("relative"):
+            out.setdefault((q["task"], q["heldout_digest"], len(q["seeds"])), []).append(r)
+    return out
