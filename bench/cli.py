@@ -5,88 +5,24 @@ Exit codes: 0 ok, 2 bad input (one line naming the bad value), 1 internal failur
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import statistics
 import sys
-from dataclasses import replace
 
+from bench.options import (
+    BadInput,
+    Parser,
+    add_run_options,
+    add_sweep_options,
+    check_out_dir,
+    check_out_file,
+    check_sweep_options,
+    configs_from_args,
+    default_device,
+)
 from bench.render.console import print_estimates, print_record
-from bench.schema import METHODS, GiB
-from qlora.config import ALL_LINEAR, ConfigError, RunConfig
-
-
-class BadInput(ConfigError):
-    pass
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse that reports bad input as one line and exit code 2 (no usage dump)."""
-
-    def error(self, message: str):
-        raise BadInput(message)
-
-
-def _default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def add_run_options(p: argparse.ArgumentParser, *, method_all: bool) -> None:
-    """Options that mirror RunConfig; RunConfig itself validates the values."""
-    d = RunConfig()
-    p.add_argument("model", help="bundled name (see `qlora-bench models`), a directory, or a hub id")
-    p.add_argument("--method", default="qlora",
-                   help="full, lora or qlora" + (", or all" if method_all else "") + " (default: qlora)")
-    p.add_argument("--seq-len", type=int, default=None,
-                   help=f"tokens per sequence (default: {d.seq_len}, or the model's maximum if that is shorter)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"sequences per step (default: {d.batch_size})")
-    p.add_argument("--lora-r", type=int, default=d.lora_r, help=f"LoRA rank (default: {d.lora_r})")
-    p.add_argument("--lora-alpha", type=int, default=d.lora_alpha, help=f"LoRA alpha (default: {d.lora_alpha})")
-    p.add_argument("--lora-dropout", type=float, default=d.lora_dropout)
-    p.add_argument("--lora-targets", default=ALL_LINEAR,
-                   help=f"comma-separated Linear names to adapt (default: {ALL_LINEAR}, every Linear of the decoder "
-                   "layers: the seven projections of a Llama-family block)")
-    p.add_argument("--quant-type", default=d.quant_type, help="nf4 or fp4 (qlora; default: nf4)")
-    p.add_argument("--no-double-quant", dest="double_quant", action="store_false",
-                   help="store the 4-bit block constants in fp32 instead of 8 bit (qlora)")
-    p.add_argument("--compute-dtype", default=d.compute_dtype, help="bf16, fp16 or fp32 (qlora; default: bf16)")
-    p.add_argument("--optimizer", default=d.optimizer, help="adamw, adamw8bit or paged_adamw8bit (default: adamw)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default: 2e-5 full, 2e-4 lora/qlora)")
-    p.add_argument("--precision", default=d.precision,
-                   help="bf16 (pure), mixed (bf16 model + fp32 master weights) or fp32 (default: bf16)")
-    p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward")
-    p.add_argument("--attention", default=d.attention, help="sdpa (default) or eager (materialises seq x seq)")
-    p.add_argument("--steps", type=int, default=d.steps, help=f"training steps (default: {d.steps})")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
-    p.add_argument("--layers", type=int, default=None, help="build only N decoder layers (reduced depth)")
-
-
-def configs_from_args(args, default_device: str | None = None, *, device_check: bool = True) -> list[RunConfig]:
-    """The RunConfigs the run options ask for, checked against the model and (device_check) this machine before any
-    work starts (qlora.preflight): a bad value is one line and exit 2."""
-    from qlora import models
-    from qlora.preflight import preflight
-
-    methods = list(METHODS) if args.method == "all" else [args.method]
-    targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
-    seq_len = args.seq_len
-    if seq_len is None:  # the default, within what the model can take (tiny-llama has 256 positions)
-        limit = getattr(models.hf_config(models.resolve(args.model), args.layers), "max_position_embeddings", None)
-        seq_len = min(RunConfig.seq_len, limit or RunConfig.seq_len)
-    base = RunConfig(
-        model=args.model, method=methods[0], quant_type=args.quant_type, double_quant=args.double_quant,
-        compute_dtype=args.compute_dtype, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-        lora_dropout=args.lora_dropout, lora_targets=targets,
-        optimizer=args.optimizer, lr=args.lr, precision=args.precision, batch_size=args.batch_size,
-        seq_len=seq_len, grad_checkpointing=args.grad_checkpointing, attention=args.attention,
-        steps=args.steps, seed=args.seed,
-        device=args.device or default_device or _default_device(), layers=args.layers,
-    )
-    return [preflight(replace(base, method=m), device=device_check) for m in methods]
+from bench.schema import GiB
+from qlora.config import ConfigError, RunConfig
 
 
 def cmd_models(args) -> int:
@@ -103,33 +39,9 @@ def cmd_models(args) -> int:
     return 0
 
 
-def train_summary(cfg: RunConfig) -> dict:
-    """Build cfg's model, train cfg.steps steps on the built-in corpus, and summarise (JSON-ready)."""
-    from bench.measuring.probes import PeakRssAnon
-    from qlora.build import build, count_trainable
-    from qlora.optim import make_optimizer
-    from qlora.train import corpus_blocks, train
-
-    with PeakRssAnon() as rss:
-        built = build(cfg)
-        optimizer = make_optimizer(cfg, built.model)
-        steps = train(built, cfg, optimizer, corpus_blocks(built, cfg))
-    # The first step allocates optimizer state and warms caches: time the later ones.
-    timed = steps[1:] or steps
-    median = statistics.median(s.seconds for s in timed)
-    return {
-        "config": cfg.to_dict(),
-        "trainable_parameters": count_trainable(built.model),
-        "stored_parameters": sum(p.numel() for p in built.model.parameters()),
-        "losses": [round(s.loss, 4) for s in steps],
-        "step_seconds": median,
-        "tokens_per_second": timed[0].tokens / median,
-        "rss_anon_peak": rss.peak,
-    }
-
-
 def cmd_train(args) -> int:
     from bench.measuring.runner import RunFailed, isolated
+    from bench.running import train
 
     configs = configs_from_args(args)
     status = 0
@@ -137,7 +49,7 @@ def cmd_train(args) -> int:
         try:
             # One fresh process per run: memory freed by one run is not always returned to the OS, so a shared
             # process would report the first method's peak for all of them.
-            summary = isolated(train_summary, cfg) if len(configs) > 1 else train_summary(cfg)
+            summary = isolated(train.summary, cfg) if len(configs) > 1 else train.summary(cfg)
         except RunFailed as e:
             print(f"{cfg.method:<6} {e.status}: {e.message}", flush=True)
             status = 1
@@ -187,7 +99,7 @@ def cmd_estimate(args) -> int:
     gpu = gpus.lookup(args.gpu) if args.gpu else None
     if (args.max or args.trials) and gpu is None:
         raise BadInput("--max and --trials need --gpu NAME (see --gpu list)")
-    configs = configs_from_args(args, default_device="cuda", device_check=False)
+    configs = configs_from_args(args, default_device_name="cuda", device_check=False)
     records = []
     for cfg in configs:
         r = estimate_record(cfg)
@@ -216,54 +128,11 @@ def cmd_validate(args) -> int:
     return 1 if bad else 0
 
 
-def check_out_file(path: str | None) -> None:
-    """An --out that names a JSONL file: refuse a directory, or a file where a folder must go, before any run."""
-    from pathlib import Path
-
-    if path is None:
-        return
-    p = Path(path)
-    if p.is_dir():
-        raise BadInput(f"--out {path!r} is a directory; give a file to append records to, e.g. {p / 'results.jsonl'}")
-    if any(a.exists() and not a.is_dir() for a in p.parents):
-        raise BadInput(f"--out {path!r}: a parent of it is a file, not a directory")
-
-
-def check_out_dir(path: str | None) -> None:
-    """An --out that names a folder: refuse an existing file (or a file among its parents) before any run."""
-    from pathlib import Path
-
-    if path is None:
-        return
-    p = Path(path)
-    if any(a.exists() and not a.is_dir() for a in (p, *p.parents)):
-        raise BadInput(f"--out {path!r} is a file (or lies under one); give a directory")
-
-
-def add_sweep_options(p: argparse.ArgumentParser) -> None:
-    """Options of the commands that run a plan's matrix (`sweep`, `bench`)."""
-    p.add_argument("--budget-gib", type=float, help="treat this many GiB as the device's capacity: beyond it, oom")
-    p.add_argument("--timeout-s", type=float, help="time limit in seconds for each run's process (recorded as an "
-                   "error, and run again on the next resume)")
-    p.add_argument("--device", help="device for groups that do not set one (default: cuda if available, else cpu)")
-    p.add_argument("--dry-run", action="store_true", help="check the plan and list the runs still to do; run nothing")
-
-
-def check_sweep_options(args) -> None:
-    import math
-
-    for name, most in (("budget_gib", 2**20), ("timeout_s", 10**7)):  # 1 PiB; 115 days
-        value = getattr(args, name)
-        if value is not None and not (math.isfinite(value) and 0 < value <= most):
-            raise BadInput(f"--{name.replace('_', '-')} must be a number > 0 and at most {most:,}, got {value}")
-    check_out_dir(args.out)
-
-
 def cmd_sweep(args) -> int:
     from bench.running import sweep
 
     check_sweep_options(args)
-    runs = sweep.run(args.plan, args.out, device=args.device or _default_device(), budget_gib=args.budget_gib,
+    runs = sweep.run(args.plan, args.out, device=args.device or default_device(), budget_gib=args.budget_gib,
                      timeout_s=args.timeout_s, dry_run=args.dry_run,
                      log=lambda line: print(line, file=sys.stderr, flush=True))
     return failed_runs(runs)
@@ -284,7 +153,7 @@ def cmd_bench(args) -> int:
     from bench.running import main_job
 
     check_sweep_options(args)
-    device = args.device or _default_device()
+    device = args.device or default_device()
     plan = main_job.resolve_plan(args.plan) if args.plan else main_job.default_plan(device)
     out = Path(args.out) if args.out else main_job.default_out(plan, device)
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
@@ -324,7 +193,7 @@ def cmd_quality(args) -> int:
 
     check_out_dir(args.out)
     spec = {k: getattr(args, k) for k in SPEC_KEYS if getattr(args, k, None) is not None}
-    plan = quality.prepare(spec, args.device or _default_device())
+    plan = quality.prepare(spec, args.device or default_device())
     if plan.eval_examples > len(plan.task.heldout):
         print(f"qlora-bench: {plan.task.name} has {len(plan.task.heldout)} held-out examples; scoring all of them",
               file=sys.stderr)
@@ -410,7 +279,8 @@ def parser() -> Parser:
     cp.set_defaults(func=cmd_compare)
     q = sub.add_parser("quality", help="same-budget fine-tunes per method from one base, scored on held-out data")
     q.add_argument("model", help="a pretrained model: smollm2-135m-instruct, or a directory of safetensors")
-    q.add_argument("--methods", help="comma-separated (default: full,lora,qlora)")
+    q.add_argument("--method", "--methods", dest="methods",
+                   help="comma-separated methods, or all (the default: full,lora,qlora)")
     q.add_argument("--task", help="built-in task: shakespeare, sentiment or support (default: sentiment)")
     q.add_argument("--data", help="JSONL of {text} | {prompt, completion} | {prompt, choices, answer} examples")
     q.add_argument("--eval-data", help="held-out JSONL for --data (default: a stable 20%% of --data)")

@@ -26,6 +26,9 @@ CLAIMS = {"full-7b-total", "full-7b-weights", "full-7b-gradients", "full-7b-opti
 def test_the_reference_report_regenerates_byte_for_byte(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     out = tmp_path / "reference"
+    # The estimates derived for the report are records too: regenerating reuses them, as it does in place.
+    out.mkdir()
+    (out / "derived-estimates.jsonl").write_bytes((REFERENCE / "derived-estimates.jsonl").read_bytes())
     assert main(["report", *INPUTS, "--out", str(out)]) == 0
     committed = sorted(p.name for p in REFERENCE.iterdir())
     assert committed == sorted(p.name for p in out.iterdir())
@@ -110,3 +113,51 @@ def test_a_reports_folder_whose_readme_is_someone_elses_is_left_alone(tmp_path, 
     assert main(["report", tiny_records(tmp_path / "in.jsonl"), "--out", str(reports / "qlora-bench" / "r")]) == 0
     assert (reports / "README.md").read_text() == "# My notes\n"
     assert (reports / "qlora-bench" / "r" / "claims.md").is_file()
+
+
+# ---- rendering from hand-made records: no model, no estimator -----------------------------------------------------
+
+
+def estimate(method: str, peak_gb: float, **config) -> dict:
+    """A hand-made estimate record of Llama-2-7B at 512 tokens: `peak_gb` split evenly over the categories."""
+    cfg = RunConfig(model="llama-2-7b", method=method, seq_len=512, device="cuda", **config).to_dict()
+    share = int(peak_gb * 1e9) // len(CATEGORIES)
+    bytes_ = {c: share for c in CATEGORIES}
+    bytes_["peak"] = share * len(CATEGORIES)
+    cards = {g: {"headroom_bytes": 10 * 2**30, "cards_needed": 1, "trials": trials}
+             for g, trials in (("rtx4090", {"full": 0, "lora": 1, "qlora": 3}[method]), ("a100-40gb", 1),
+                               ("a100-80gb", {"full": 1, "lora": 2, "qlora": 5}[method]))}
+    return record.make(cfg, source="estimated", status="ok", bytes_=bytes_, peak_at={"phase": "backward"},
+                       cards=cards)
+
+
+def test_claims_and_tables_are_rendered_from_the_records_alone(tmp_path):
+    from bench.render import report
+
+    full, lora, qlora = estimate("full", 70.0), estimate("lora", 30.0), estimate("qlora", 8.2)
+    mixed = estimate("full", 100.0, precision="mixed")
+    mixed["purpose"] = "claim: mixed precision"
+    run = record.make(RunConfig(model="llama-2-7b", method="lora", seq_len=512, layers=2).to_dict(),
+                      source="extrapolated", status="ok", bytes_={**lora["bytes"]}, peak_at={"phase": "backward"})
+    beside = estimate("lora", 33.0)  # the run's estimate at full depth, as a derived record holds it
+    beside["config"] = {**run["config"], "layers": None}
+    beside["purpose"] = "beside a run"
+    files = report.build([full, lora, qlora, run], tmp_path, ["hand-made"], derived=[mixed, beside])
+    assert {"claims.md", "claims.json", "runs.csv", "README.md"} <= set(files)
+
+    claims = {c["id"]: c for c in json.loads((tmp_path / "claims.json").read_text())}
+    assert claims["full-7b-total"]["ours"] == "70.00 GB" and claims["full-7b-total"]["verdict"].startswith("holds")
+    assert "it is 100.0 GB" in claims["full-7b-total"]["true_when"]  # the mixed-precision estimate record
+    assert claims["lora-7b-total"]["verdict"] == "refuted (off by +66.7%)"  # 30 GB against the claimed 18
+    assert claims["qlora-7b-total"]["verdict"] == "holds (within 10%: +2.5%)"
+    assert claims["qlora-7b-total"]["records"] == [qlora["id"]]
+    assert claims["qlora-more-trials"]["verdict"] == "holds"
+    assert claims["lora-7b-total"]["also"].startswith("extrapolated")
+
+    csv = (tmp_path / "runs.csv").read_text().splitlines()
+    assert len(csv) == 1 + 4  # the header and the four input records; derived estimates are not rows
+    row = next(line for line in csv if line.startswith(run["id"]))
+    assert ",30.000," not in row and f",{33e9 // 7 * 7 / 2**30:.3f}," in row  # the estimate beside the run
+    readme = (tmp_path / "README.md").read_text()
+    assert "from 4 result records (0 measured, 1 extrapolated, 3 estimated)" in readme
+    assert "2 estimate records made for this report" in readme

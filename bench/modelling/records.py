@@ -16,7 +16,7 @@ from dataclasses import replace
 from bench.measuring import record
 from bench.modelling import gpus
 from bench.modelling.estimate import arch_of, estimate_bytes, largest_fitting
-from bench.schema import run_key
+from bench.schema import METHODS, run_key
 from qlora.config import ConfigError, RunConfig
 
 CARDS = ("t4", "rtx4090", "a100-40gb", "a100-80gb", "h200")  # the cards reports and the claims show
@@ -82,7 +82,7 @@ def wanted(records: list[dict]) -> list[tuple[str, RunConfig, str | None]]:
     estimates = [r for r in records if r["source"] == "estimated" and not r.get("fit") and not r.get("purpose")]
     if estimates:  # the curves and the fit matrix, for the first estimate's setting
         template = _full_depth({**estimates[0]["config"], "grad_checkpointing": False})
-        for method in ("full", "lora", "qlora"):
+        for method in METHODS:
             for ckpt in (False, True):
                 cfg = replace(template, method=method, grad_checkpointing=ckpt)
                 out += [("curve", replace(cfg, seq_len=s), None) for s in CURVE_SEQ_LENS]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from bench.modelling import gpus  # the card catalog (names and sizes), not the estimator
 from bench.render.select import Estimates, quality_sets
-from bench.schema import GB, METHODS, GiB
+from bench.schema import GB, METHODS, GiB, device_name
 
 TOLERANCE, FAR = 0.10, 0.50
 MODEL, SEQ = "llama-2-7b", 512
@@ -70,7 +70,7 @@ def memory_claims(records: list[dict]) -> list[dict]:
         if r is None:
             return None
         c = r["config"]
-        return (f"{r['source']} on {r['env']['device']['name']} at batch {c['batch_size']} x seq {c['seq_len']}: "
+        return (f"{r['source']} on {device_name(r)} at batch {c['batch_size']} x seq {c['seq_len']}: "
                 f"{r['bytes']['peak'] / GB:.2f} GB (record {r['id']})")
 
     rows = []

@@ -315,7 +315,8 @@ def prepare(spec: dict, device: str) -> QualityPlan:
     # The keys were checked where the spec was written: the plan file (bench.running.plan) or the CLI's options.
     if "model" not in spec:
         raise ConfigError("a quality run needs a model")
-    methods = spec.get("methods", "full,lora,qlora")
+    methods = spec.get("methods", "all")
+    methods = METHODS if methods == "all" else methods
     methods = [m.strip() for m in (methods.split(",") if isinstance(methods, str) else methods) if m.strip()]
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods or len(set(methods)) != len(methods):

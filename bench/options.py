@@ -1,0 +1,147 @@
+"""The command line's options, declared once: the run options come from `RunConfig`'s fields (name, type, choices,
+default), so a new config field is a new option of every command that runs a model; the option groups of the
+commands that run a plan (`sweep`, `bench`) and the checks of their values live here too.
+
+RunConfig itself validates every value; a bad one is a one-line error naming it (exit 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import typing
+from dataclasses import fields, replace
+from pathlib import Path
+
+from bench.schema import METHODS
+from qlora.config import ALL_LINEAR, ConfigError, RunConfig
+
+# What each RunConfig field means on the command line (the config's comments say why the defaults are what they are).
+HELP = {
+    "method": "full, lora or qlora",
+    "quant_type": "4-bit data type of the base (qlora)",
+    "compute_dtype": "dtype the 4-bit weights are dequantised to for each matmul (qlora)",
+    "lora_r": "LoRA rank", "lora_alpha": "LoRA alpha", "lora_dropout": "LoRA dropout",
+    "lora_targets": f"comma-separated Linear names to adapt ({ALL_LINEAR}: every Linear of the decoder layers, the "
+                    "seven projections of a Llama-family block)",
+    "optimizer": "optimizer", "lr": "learning rate (default: 2e-5 full, 2e-4 lora/qlora)",
+    "precision": "bf16 (pure), mixed (bf16 model + fp32 master weights) or fp32",
+    "batch_size": "sequences per step",
+    "seq_len": "tokens per sequence (default: 512, or the model's maximum if that is shorter)",
+    "attention": "attention kernel: sdpa, or eager (materialises seq x seq)",
+    "steps": "training steps", "seed": "random seed",
+    "device": "cpu, cuda or cuda:N (default: cuda if available, else cpu)",
+    "layers": "build only N decoder layers (reduced depth; measure extrapolates from N/2 and N)",
+}
+# The two booleans are flags that flip their default.
+FLAGS = {"double_quant": ("--no-double-quant", "store the 4-bit block constants in fp32 instead of 8 bit (qlora)"),
+         "grad_checkpointing": ("--grad-checkpointing", "recompute activations in backward")}
+NO_DEFAULT_SHOWN = ("lr", "seq_len", "device", "layers")  # their help says what None means
+
+
+class BadInput(ConfigError):
+    pass
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports bad input as one line and exit code 2 (no usage dump)."""
+
+    def error(self, message: str):
+        raise BadInput(message)
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _value_type(hint) -> type:
+    """int, float or str for an annotation (`int | None` is int; a Literal of strings is str)."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is typing.Literal:
+        return type(args[0])
+    if args and typing.get_origin(hint) is not tuple:
+        return _value_type(args[0])
+    return hint if hint in (int, float, str) else str
+
+
+def add_run_options(p: argparse.ArgumentParser, *, method_all: bool) -> None:
+    """MODEL and one option per RunConfig field (`lora_r` is --lora-r); every default is the config's own."""
+    defaults, hints = RunConfig(), typing.get_type_hints(RunConfig)
+    p.add_argument("model", help="bundled name (see `qlora-bench models`), a directory, or a hub id")
+    for f in fields(RunConfig):
+        if f.name == "model":
+            continue
+        default = getattr(defaults, f.name)
+        if f.name in FLAGS:
+            flag, text = FLAGS[f.name]
+            p.add_argument(flag, dest=f.name, action="store_false" if default else "store_true", help=text)
+            continue
+        hint = hints[f.name]
+        text = HELP[f.name]
+        if typing.get_origin(hint) is typing.Literal and f.name != "method":
+            text += f": {', '.join(typing.get_args(hint))}"
+        if f.name == "method" and method_all:
+            text += ", or all"
+        if f.name not in NO_DEFAULT_SHOWN:
+            shown = ",".join(default) if isinstance(default, tuple) else default
+            text += f" (default: {shown})"
+        p.add_argument("--" + f.name.replace("_", "-"), type=_value_type(hint), default=None, help=text)
+
+
+def configs_from_args(args, default_device_name: str | None = None, *, device_check: bool = True
+                      ) -> list[RunConfig]:
+    """The RunConfigs the run options ask for (one per method; `--method all` is every method), checked against
+    the model and (device_check) this machine before any work starts (qlora.preflight)."""
+    from qlora import models
+    from qlora.preflight import preflight
+
+    given = {f.name: getattr(args, f.name) for f in fields(RunConfig) if getattr(args, f.name, None) is not None}
+    methods = list(METHODS) if given.get("method") == "all" else [given.get("method", RunConfig.method)]
+    if "lora_targets" in given:
+        given["lora_targets"] = tuple(t.strip() for t in given["lora_targets"].split(",") if t.strip())
+    if "seq_len" not in given:  # the default, within what the model can take (tiny-llama has 256 positions)
+        limit = getattr(models.hf_config(models.resolve(args.model), given.get("layers")),
+                        "max_position_embeddings", None)
+        given["seq_len"] = min(RunConfig.seq_len, limit or RunConfig.seq_len)
+    given["device"] = given.get("device") or default_device_name or default_device()
+    base = RunConfig(**{**given, "method": methods[0]})
+    return [preflight(replace(base, method=m), device=device_check) for m in methods]
+
+
+def check_out_file(path: str | None) -> None:
+    """An --out that names a JSONL file: refuse a directory, or a file where a folder must go, before any run."""
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise BadInput(f"--out {path!r} is a directory; give a file to append records to, e.g. {p / 'results.jsonl'}")
+    if any(a.exists() and not a.is_dir() for a in p.parents):
+        raise BadInput(f"--out {path!r}: a parent of it is a file, not a directory")
+
+
+def check_out_dir(path: str | None) -> None:
+    """An --out that names a folder: refuse an existing file (or a file among its parents) before any run."""
+    if path is None:
+        return
+    p = Path(path)
+    if any(a.exists() and not a.is_dir() for a in (p, *p.parents)):
+        raise BadInput(f"--out {path!r} is a file (or lies under one); give a directory")
+
+
+def add_sweep_options(p: argparse.ArgumentParser) -> None:
+    """Options of the commands that run a plan's matrix (`sweep`, `bench`)."""
+    p.add_argument("--budget-gib", type=float, help="treat this many GiB as the device's capacity: beyond it, oom")
+    p.add_argument("--timeout-s", type=float, help="time limit in seconds for each run's process (recorded as an "
+                   "error, and run again on the next resume)")
+    p.add_argument("--device", help="device for groups that do not set one (default: cuda if available, else cpu)")
+    p.add_argument("--dry-run", action="store_true", help="check the plan and list the runs still to do; run nothing")
+
+
+def check_sweep_options(args) -> None:
+    for name, most in (("budget_gib", 1_048_576), ("timeout_s", 10_000_000)):  # 1 PiB; 115 days
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and 0 < value <= most):
+            raise BadInput(f"--{name.replace('_', '-')} must be a number > 0 and at most {most:,}, got {value}")
+    check_out_dir(args.out)
