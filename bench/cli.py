@@ -9,9 +9,11 @@ import json
 import os
 import sys
 
+from bench import progress
 from bench.options import (
     BadInput,
     Parser,
+    add_quiet,
     add_run_options,
     add_sweep_options,
     check_out_dir,
@@ -239,10 +241,12 @@ def parser() -> Parser:
     m.set_defaults(func=cmd_models)
     t = sub.add_parser("train", help="build a model and run a few training steps (loss, step time, peak RSS)")
     add_run_options(t, method_all=True)
+    add_quiet(t)
     t.add_argument("--json", action="store_true", help="print one JSON summary per method")
     t.set_defaults(func=cmd_train)
     ms = sub.add_parser("measure", help="measure memory by category, device figures and step time; one record")
     add_run_options(ms, method_all=True)
+    add_quiet(ms)
     ms.add_argument("--json", action="store_true", help="print one result record (JSON) per method")
     ms.add_argument("--out", help="append each result record to this JSONL file, atomically")
     ms.set_defaults(func=cmd_measure)
@@ -257,6 +261,7 @@ def parser() -> Parser:
     v = sub.add_parser("validate", help="estimate vs measurement over a plan's matrix; writes records and a table")
     v.add_argument("plan", help="TOML plan (e.g. bench/plans/validation.toml)")
     v.add_argument("--out", required=True, help="directory for measured.jsonl, estimated.jsonl and the table")
+    add_quiet(v)
     v.set_defaults(func=cmd_validate)
     sw = sub.add_parser("sweep", help="every run of a TOML plan, each in its own process; resumable")
     sw.add_argument("plan", help="TOML plan of [[group]] tables (see bench/plans/)")
@@ -300,6 +305,7 @@ def parser() -> Parser:
     q.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     q.add_argument("--out", help="directory: results.jsonl (a record per method), quality-runs.jsonl, summary.md")
     q.add_argument("--json", action="store_true", help="print one result record per method")
+    add_quiet(q)
     q.set_defaults(func=cmd_quality)
     rp = sub.add_parser("report", help="tables, charts and the claims verdicts from result records (runs nothing)")
     rp.add_argument("results", nargs="+", help="JSONL files of result records, or folders of them")
@@ -326,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     previous = {s: signal.signal(s, _terminated) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
         args = parser().parse_args(argv)
-        return args.func(args)
+        with progress.quiet(getattr(args, "quiet", False)):
+            return args.func(args)
     except ConfigError as e:
         print(f"qlora-bench: error: {e}", file=sys.stderr)
         return 2

@@ -130,8 +130,15 @@ def check_out_dir(path: str | None) -> None:
         raise BadInput(f"--out {path!r} is a file (or lies under one); give a directory")
 
 
+def add_quiet(p: argparse.ArgumentParser) -> None:
+    """--quiet, for every command that can run longer than a few seconds (bench.progress draws its bars)."""
+    p.add_argument("--quiet", action="store_true", help="no progress bars on stderr (they are drawn only when stderr "
+                   "is a terminal anyway)")
+
+
 def add_sweep_options(p: argparse.ArgumentParser) -> None:
     """Options of the commands that run a plan's matrix (`sweep`, `bench`)."""
+    add_quiet(p)
     p.add_argument("--budget-gib", type=float, help="treat this many GiB as the device's capacity: beyond it, oom")
     p.add_argument("--timeout-s", type=float, help="time limit in seconds for each run's process (recorded as an "
                    "error, and run again on the next resume)")

@@ -29,9 +29,11 @@ def model_dtype(cfg: RunConfig) -> torch.dtype:
     return torch.float32 if cfg.precision == "fp32" else torch.bfloat16
 
 
-def build(cfg: RunConfig) -> Built:
+def build(cfg: RunConfig, on_layer=None) -> Built:
     """Build cfg's model on cfg.device, in training mode, with exactly the method's parameters trainable.
 
+    `on_layer(done, total)`, if given, is called as each decoder layer of a random-weight model is ready
+    (initialised, and quantised under QLoRA): minutes for a 7B model on CPU, so callers can show progress.
     Raises ConfigError for input the user can fix (unknown model, bad targets, seq_len too long, no CUDA).
     """
     from qlora.preflight import preflight
@@ -42,7 +44,7 @@ def build(cfg: RunConfig) -> Built:
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
     if source.random_weights:
-        model, tokenizer = random_model(hf_cfg, cfg, device), None
+        model, tokenizer = random_model(hf_cfg, cfg, device, on_layer), None
     else:
         model, tokenizer = pretrained_model(source, hf_cfg, cfg, device)
     model.config.use_cache = False  # the KV cache is for generation; in training it only costs memory
@@ -77,15 +79,20 @@ def _materialise_(module: nn.Module, device: torch.device, init) -> None:
         init(m)
 
 
-def random_model(hf_cfg, cfg: RunConfig, device: torch.device) -> nn.Module:
-    """Random weights, straight in the target dtype; under qlora each layer is quantised as soon as it exists."""
+def random_model(hf_cfg, cfg: RunConfig, device: torch.device, on_layer=None) -> nn.Module:
+    """Random weights, straight in the target dtype; under qlora each layer is quantised as soon as it exists.
+    `on_layer(done, total)` as in `build`."""
     model = models.meta_model(hf_cfg, model_dtype(cfg), cfg.attention)
     layers = model.get_decoder().layers
+    if on_layer is not None:
+        on_layer(0, len(layers))
     with torch.no_grad():
-        for layer in layers:
+        for done, layer in enumerate(layers, 1):
             _materialise_(layer, device, model._init_weights)
             if cfg.quantized:
                 quantize.quantise_linears_(layer, cfg, device)
+            if on_layer is not None:
+                on_layer(done, len(layers))
         # Then what lies outside the decoder layers: embeddings, final norm, rotary buffers, lm_head.
         in_layers = {id(m) for m in layers.modules()}
         for m in model.modules():

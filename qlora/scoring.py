@@ -73,9 +73,10 @@ def schedule(n_examples: int, steps: int, batch_size: int, seed: int) -> list[li
 
 
 @torch.no_grad()
-def token_nll(model, items: list[Encoded], pad_id: int, batch_size: int) -> list[list[float]]:
+def token_nll(model, items: list[Encoded], pad_id: int, batch_size: int, on_batch=None) -> list[list[float]]:
     """Per item: the negative log-likelihood of each labelled token, in order. Position t's logits predict token
-    t+1, so right padding (masked, and after every real token) cannot change a real token's score."""
+    t+1, so right padding (masked, and after every real token) cannot change a real token's score.
+    `on_batch(n)`, if given, is called after each batch of n items (progress)."""
     device = next(model.parameters()).device
     out = []
     for i in range(0, len(items), batch_size):
@@ -85,30 +86,33 @@ def token_nll(model, items: list[Encoded], pad_id: int, batch_size: int) -> list
         nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")
         keep = targets != IGNORE
         out += [row[m].tolist() for row, m in zip(nll, keep, strict=True)]
+        if on_batch is not None:
+            on_batch(len(keep))
     return out
 
 
-def target_nll(model, items: list[Encoded], pad_id: int, batch_size: int) -> list[tuple[float, int]]:
+def target_nll(model, items: list[Encoded], pad_id: int, batch_size: int, on_batch=None) -> list[tuple[float, int]]:
     """Per item: summed negative log-likelihood of its labelled tokens and their count."""
-    return [(sum(t), len(t)) for t in token_nll(model, items, pad_id, batch_size)]
+    return [(sum(t), len(t)) for t in token_nll(model, items, pad_id, batch_size, on_batch)]
 
 
 def score(model, tokenizer, examples: list[Example], seq_len: int, eos: int | None, pad_id: int,
-          batch_size: int = 16) -> dict[str, list]:
+          batch_size: int = 16, on_batch=None) -> dict[str, list]:
     """Per held-out example: `nll` and `tokens` of its target as trained (with the end-of-sequence token, except
     for plain text); for choice tasks `correct`, whether the choice with the highest log-likelihood (summed over
-    its own tokens, given the prompt) is the answer. One forward pass per choice gives both."""
+    its own tokens, given the prompt) is the answer. One forward pass per choice gives both.
+    `on_batch(n)`: called as each batch of n sequences is scored (a choice task scores one per choice)."""
     from qlora.data import encode as enc
 
     was_training = model.training
     model.eval()
     try:
         if not examples or examples[0].kind != "choice":
-            pairs = target_nll(model, training_pairs(tokenizer, examples, seq_len, eos), pad_id, batch_size)
+            pairs = target_nll(model, training_pairs(tokenizer, examples, seq_len, eos), pad_id, batch_size, on_batch)
             return {"nll": [p[0] for p in pairs], "tokens": [p[1] for p in pairs]}
         flat = [(e, c) for e in examples for c in e.choices]
         per_token = token_nll(model, [encode(tokenizer, e.prompt, c, seq_len, eos) for e, c in flat], pad_id,
-                              batch_size)
+                              batch_size, on_batch)
         out, k = {"nll": [], "tokens": [], "correct": []}, 0
         for e in examples:
             rows = per_token[k:k + len(e.choices)]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -15,9 +17,12 @@ from qlora.config import ConfigError, RunConfig
 
 @dataclass(frozen=True)
 class Step:
-    loss: float
-    seconds: float
-    tokens: int
+    """One optimisation step as `timed_steps` saw it."""
+
+    index: int
+    loss: float  # NaN if the step diverged
+    seconds: float | None  # None for a step run by the `around` hook: its clock would include the hook's work
+    tokens: int  # input tokens (padding excluded when the batch has an attention mask)
 
 
 def train_step(model: nn.Module, optimizer, batch, on_phase=None) -> float:
@@ -53,19 +58,49 @@ def corpus_blocks(built: Built, cfg: RunConfig, text: str | None = None) -> torc
     return data.pack(data.encode(tokenizer, text if text is not None else data.shakespeare()), cfg.seq_len)
 
 
-def train(built: Built, cfg: RunConfig, optimizer, blocks: torch.Tensor, steps: int | None = None) -> list[Step]:
-    """Run cfg.steps (or `steps`) optimisation steps on shuffled batches of `blocks`; returns one Step each."""
-    device = next(built.model.parameters()).device
-    it = data.batches(blocks, cfg.batch_size, cfg.seed)
+def timed_steps(model: nn.Module, optimizer, batches: Iterable, *, around=None, on_step=None) -> list[Step]:
+    """The training loop every caller shares (`train`, the harness's measured runs and its quality runs): one
+    `train_step` per batch (a token-id tensor or a dict of model inputs, moved to the model's device), each timed
+    between device synchronisations.
+
+    `around(index, step)`, if given, may run a step itself, e.g. inside a memory ledger: it calls
+    `step(on_phase)` (see train_step) and returns the loss; or it returns None and the step runs timed as usual.
+    `on_step(Step)`, if given, is called after every step (progress, logging).
+    """
+    device = next(model.parameters()).device
     out = []
-    for _ in range(steps if steps is not None else cfg.steps):
-        batch = next(it).to(device)
-        sync(device)
-        t0 = time.perf_counter()
-        loss = train_step(built.model, optimizer, batch)  # .item() inside synchronises the loss, not the step
-        sync(device)
-        out.append(Step(loss, time.perf_counter() - t0, batch.numel()))
+    for index, batch in enumerate(batches):
+        if isinstance(batch, dict):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+        else:
+            batch = batch.to(device)
+            tokens = batch.numel()
+
+        def step(on_phase=None, batch=batch):
+            return train_step(model, optimizer, batch, on_phase)
+
+        loss = around(index, step) if around is not None else None
+        if loss is not None:
+            done = Step(index, loss, None, tokens)
+        else:
+            sync(device)
+            t0 = time.perf_counter()
+            loss = step()  # .item() inside synchronises the loss, not the step: sync() does
+            sync(device)
+            done = Step(index, loss, time.perf_counter() - t0, tokens)
+        out.append(done)
+        if on_step is not None:
+            on_step(done)
     return out
+
+
+def train(built: Built, cfg: RunConfig, optimizer, blocks: torch.Tensor, steps: int | None = None,
+          on_step=None) -> list[Step]:
+    """Run cfg.steps (or `steps`) optimisation steps on shuffled batches of `blocks`; returns one Step each."""
+    it = data.batches(blocks, cfg.batch_size, cfg.seed)
+    n = steps if steps is not None else cfg.steps
+    return timed_steps(built.model, optimizer, itertools.islice(it, n), on_step=on_step)
 
 
 def sync(device: torch.device) -> None:

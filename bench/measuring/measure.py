@@ -4,13 +4,14 @@ ledger with the device probes around it. `--layers N` measures two reduced depth
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
-import time
 from dataclasses import replace
 
 import torch
 
+from bench import progress
 from bench.measuring import record
 from bench.measuring.ledger import BudgetExceeded, Ledger
 from bench.measuring.probes import DeviceProbe, rss_anon_bytes
@@ -20,43 +21,62 @@ from qlora import models
 from qlora.build import build, count_trainable
 from qlora.config import ConfigError, RunConfig
 from qlora.optim import implementation, make_optimizer
-from qlora.train import sync, train_step
+from qlora.train import timed_steps, train_step
+
+
+def ledgered(step, model, optimizer, device, budget: int | None = None) -> tuple[float, Ledger]:
+    """A `timed_steps` step (step(on_phase) -> loss) run under the memory ledger: its loss and the ledger."""
+    ledger = Ledger(model, optimizer, device, budget)
+    with ledger:
+        loss = step(ledger.phase)
+    return loss, ledger
 
 
 def ledgered_step(model, optimizer, batch, device, budget: int | None = None) -> Ledger:
-    ledger = Ledger(model, optimizer, device, budget)
-    with ledger:
-        train_step(model, optimizer, batch, on_phase=ledger.phase)
-    return ledger
+    """One training step on `batch` under the memory ledger (benchmarks time the ledger's overhead with it)."""
+    return ledgered(lambda on_phase: train_step(model, optimizer, batch, on_phase), model, optimizer, device,
+                    budget)[1]
+
+
+def build_shown(cfg: RunConfig):
+    """qlora.build.build with a bar of the layers built (and quantised) when bars are on: minutes at 7B on CPU."""
+    with progress.bar(None, f"{cfg.method}: building", unit="layer") as shown:
+        return build(cfg, on_layer=shown.at)
 
 
 def measure_once(cfg: RunConfig, budget: int | None = None) -> dict:
     """Measure cfg at the depth it asks for. Returns a dict of raw figures (not yet a record). With a `budget`
-    (bytes), live tensors beyond it raise BudgetExceeded: an out-of-memory at that capacity."""
+    (bytes), live tensors beyond it raise BudgetExceeded: an out-of-memory at that capacity.
+
+    Steps (qlora.train.timed_steps, all on one batch): the first under the ledger (it allocates optimizer state,
+    often the run's real peak, so it is the one held to the budget), cfg.steps timed, and a last one under the
+    ledger with the device probes around it: the measured step."""
     baseline = rss_anon_bytes()
-    built = build(cfg)
+    built = build_shown(cfg)
     device = next(built.model.parameters()).device
     optimizer = make_optimizer(cfg, built.model)
     g = torch.Generator().manual_seed(cfg.seed)
     # Memory and speed do not depend on which token ids are fed; random ids in the vocabulary keep it simple.
     batch = torch.randint(0, built.hf_config.vocab_size, (cfg.batch_size, cfg.seq_len), generator=g).to(device)
+    last = cfg.steps + 1
+    ledgers, probe = {}, DeviceProbe(device)
+    at_start = {}
 
-    # The first step allocates optimizer state (often the run's real peak), so it is the one held to the budget.
-    first = ledgered_step(built.model, optimizer, batch, device, budget)
-    times, losses = [], []
-    for _ in range(cfg.steps):
-        sync(device)
-        t0 = time.perf_counter()
-        loss = train_step(built.model, optimizer, batch)
-        losses.append(loss if math.isfinite(loss) else None)  # JSON has no NaN: a diverged step is null
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    probe = DeviceProbe(device)
-    rss_start = rss_anon_bytes()
-    probe.start()
-    ledger = ledgered_step(built.model, optimizer, batch, device, budget)
+    def around(index, step):
+        if index not in (0, last):
+            return None
+        if index == last:
+            at_start["rss"] = rss_anon_bytes()
+            probe.start()
+        loss, ledgers[index] = ledgered(step, built.model, optimizer, device, budget)
+        return loss
+
+    with progress.bar(last + 1, f"{cfg.method}: steps", unit="step") as shown:
+        steps = timed_steps(built.model, optimizer, itertools.repeat(batch, last + 1), around=around,
+                            on_step=lambda s: shown.update(loss=f"{s.loss:.3f}"))
     figures = probe.stop()
-    step_seconds = statistics.median(times)
+    first, ledger = ledgers[0], ledgers[last]
+    step_seconds = statistics.median(s.seconds for s in steps if s.seconds is not None)
     return {
         "bytes": ledger.categories(),
         "peak_at": ledger.peak_at,
@@ -66,7 +86,7 @@ def measure_once(cfg: RunConfig, budget: int | None = None) -> dict:
         "rss_anon_baseline": baseline,
         # RSS as the measured step starts, and the ledger's live bytes then: their difference is what the process
         # holds besides tensors (interpreter, libraries, allocator slack), to set beside the peak.
-        "rss_anon_step_start": rss_start,
+        "rss_anon_step_start": at_start["rss"],
         "ledger_step_start": ledger.start_bytes,
         "step_seconds": step_seconds,
         "tokens_per_second": batch.numel() / step_seconds,
@@ -74,7 +94,8 @@ def measure_once(cfg: RunConfig, budget: int | None = None) -> dict:
         "layers": built.hf_config.num_hidden_layers,
         "optimizer_impl": implementation(optimizer),
         # the timed steps' losses, on one repeated batch: finite and falling, or the run trained on garbage
-        "train_losses": losses,
+        # (JSON has no NaN: a diverged step is null)
+        "train_losses": [s.loss if math.isfinite(s.loss) else None for s in steps if s.seconds is not None],
         # paged optimizer state (CUDA managed memory): in `optimizer`, but never in the allocator's figures
         "optimizer_paged_bytes": ledger.paged_bytes(),
     }

@@ -13,18 +13,24 @@ How a child's end becomes a result:
   `oom_kill` counter of the memory cgroup or of /proc/vmstat went up while it ran); otherwise `RunFailed("error")`
   naming the signal;
 - it runs past `timeout_s`: its whole process group is killed, `RunFailed("error")`.
+
+Its output (stdout and stderr, merged) never reaches this process's stdout: the tail is kept for the messages above,
+and while progress bars are on (bench.progress) all of it is passed on to stderr as it comes, bars included.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
+from bench import progress
 from qlora.config import ConfigError, RunConfig
 
 # RSS follows live memory only with glibc's dynamic mmap threshold off; it must be set before the process starts.
@@ -112,12 +118,46 @@ def death_by_signal(returncode: int, before: dict[str, int], stderr: str) -> Run
         name = f"signal {sig}"
     if sig == signal.SIGKILL and (evidence := oom_evidence(before, oom_kill_counts())):
         return RunFailed("oom", f"killed by the kernel's OOM killer ({evidence})")
-    last = stderr.strip().splitlines()[-1:] or []
-    tail = f"; last output: {last[0][:200]}" if last else ""
+    last = last_line(stderr)
+    tail = f"; last output: {last[:200]}" if last else ""
     return RunFailed("error", f"the run's process was killed by {name} (no out-of-memory kill was recorded){tail}")
 
 
 # ---- parent side -------------------------------------------------------------------------------------------------
+
+
+def last_line(output: str) -> str | None:
+    """The last line of a run's output with something on it (a progress bar clears its line with blanks)."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    return lines[-1] if lines else None
+
+
+class Output(threading.Thread):
+    """Reads a run's output (stdout and stderr, merged) as it comes: keeps its tail for error messages and, while
+    progress bars are on (bench.progress), passes it on to this process's stderr, where the bars are drawn."""
+
+    TAIL = 64 * 1024
+
+    def __init__(self, stream, forward: bool):
+        super().__init__(daemon=True)
+        self.stream, self.forward, self.tail = stream, forward, b""
+
+    def run(self) -> None:
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        fd = self.stream.fileno()
+        while chunk := os.read(fd, 8192):
+            self.tail = (self.tail + chunk)[-self.TAIL:]
+            if self.forward:
+                try:
+                    sys.stderr.write(decoder.decode(chunk))
+                    sys.stderr.flush()
+                except (OSError, ValueError):  # our stderr is gone (closed terminal): keep reading the pipe
+                    self.forward = False
+
+    def text(self, wait_s: float = 10.0) -> str:
+        """The tail, once the pipe has ended (or after wait_s: a grandchild outside the group may hold it open)."""
+        self.join(wait_s)
+        return self.tail.decode("utf-8", errors="replace")
 
 
 def call(target: str, payload, *, timeout_s: float | None = None) -> object:
@@ -126,25 +166,34 @@ def call(target: str, payload, *, timeout_s: float | None = None) -> object:
     with tempfile.TemporaryDirectory(prefix="qlora-bench-run-") as tmp:
         result = Path(tmp) / "result.json"
         cmd = [sys.executable, "-m", "bench.measuring.runner", target, str(result)]
-        env = dict(os.environ, **CHILD_ENV, QLORA_BENCH_PARENT=str(os.getpid()))
+        env = dict(os.environ, **CHILD_ENV, **progress.child_env(), QLORA_BENCH_PARENT=str(os.getpid()))
         before = oom_kill_counts()
         # Its own session: on a time-out the whole group goes (tokenizer threads, a grandchild), never the caller.
-        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, env=env, start_new_session=True)
+        # Its stdout joins its stderr: nothing a run prints may reach this process's stdout (--json output).
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                env=env, start_new_session=True)
+        output = Output(proc.stdout, forward=progress.enabled())
+        output.start()
         try:
-            out, err = proc.communicate(json.dumps(payload), timeout=timeout_s)
+            try:
+                proc.stdin.write(json.dumps(payload).encode())
+                proc.stdin.close()
+            except BrokenPipeError:  # it died before reading its input: its exit status says how
+                pass
+            proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             _kill_group(proc)
-            proc.communicate()
+            proc.wait()
             raise RunFailed("error", f"timed out after {timeout_s:g} s") from None
         except BaseException:  # Ctrl-C, or anything else here: the run must not outlive its caller
             _kill_group(proc)
             proc.wait()
             raise
+        err = output.text()  # the pipe ends when the run's process group is gone
         if not result.is_file() and proc.returncode < 0:
             raise death_by_signal(proc.returncode, before, err)
         if not result.is_file():
-            last = (err.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+            last = last_line(err) or f"exit code {proc.returncode}"
             raise RunFailed("error", f"the run's process ended without a result (exit code {proc.returncode}): "
                                      f"{last[:300]}")
         answer = json.loads(result.read_text())

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench import progress
 from bench.render import quality as render_quality
 from bench.schema import METHODS, run_key
 from qlora.config import RunConfig
@@ -99,12 +100,12 @@ def train_and_score(cfg: RunConfig, task: Task, eval_examples: list[Example], *,
     """Build cfg, (optionally score the untrained model), train cfg.steps steps of the task, score. Returns the
     per-example scores, timings and (measure_memory) the ledger's categories of the second step."""
     from bench.measuring import record
-    from bench.measuring.measure import ledgered_step
-    from qlora.build import build, count_trainable
+    from bench.measuring.measure import build_shown, ledgered
+    from qlora.build import count_trainable
     from qlora.optim import make_optimizer
-    from qlora.train import sync, train_step
+    from qlora.train import timed_steps
 
-    built = build(cfg)
+    built = build_shown(cfg)
     model, tok = built.model, built.tokenizer
     if tok is None:
         raise ValueError(f"model {cfg.model} has no tokenizer: quality runs need a pretrained model")
@@ -114,37 +115,51 @@ def train_and_score(cfg: RunConfig, task: Task, eval_examples: list[Example], *,
     # The environment (git commit and dirty flag included) as the run starts: what produced the numbers.
     result = {"config": cfg.to_dict(), "trainable_parameters": count_trainable(model),
               "env": record.environment(cfg.device)}
+
+    def scored(what: str) -> dict:
+        with progress.bar(len(eval_examples), f"{cfg.method}: scoring {what}", unit="seq") as shown:
+            return score(model, tok, eval_examples, cfg.seq_len, eos, pad, on_batch=shown.update)
+
     if with_base:
         t0 = time.perf_counter()
-        result["base"] = score(model, tok, eval_examples, cfg.seq_len, eos, pad)
+        result["base"] = scored("the base")
         log(f"  {cfg.method} base scored in {time.perf_counter() - t0:.0f} s")
     pairs = training_pairs(tok, task.train, cfg.seq_len, eos)
     steps = schedule(len(pairs), cfg.steps, cfg.batch_size, cfg.seed)
+    targets = []
+
+    def batches():  # collated as each step comes, as a training loop over a dataset would
+        for idx in steps:
+            batch = collate([pairs[j] for j in idx], pad)
+            targets.append(int((batch["labels"] != IGNORE).sum()))
+            yield batch
+
     optimizer = make_optimizer(cfg, model)
     model.train()
-    losses, times, tokens, targets = [], [], 0, 0
     started = time.perf_counter()
-    for i, idx in enumerate(steps):
-        batch = {k: v.to(device) for k, v in collate([pairs[j] for j in idx], pad).items()}
-        tokens += int(batch["attention_mask"].sum())
-        targets += int((batch["labels"] != IGNORE).sum())
-        if i == 1 and measure_memory:  # the second step: optimizer state exists, as in `measure`
-            ledger = ledgered_step(model, optimizer, batch, device)
-            result["bytes"], result["peak_at"] = ledger.categories(), ledger.peak_at
-            continue
-        sync(device)
-        t0 = time.perf_counter()
-        losses.append(train_step(model, optimizer, batch))
-        sync(device)
-        times.append(time.perf_counter() - t0)
-        if (i + 1) % max(1, len(steps) // 4) == 0:
-            log(f"  {cfg.method} seed {cfg.seed}: step {i + 1}/{len(steps)} loss {losses[-1]:.3f} "
+
+    def around(index, step):  # the second step: optimizer state exists, as in `measure`
+        if index != 1 or not measure_memory:
+            return None
+        loss, ledger = ledgered(step, model, optimizer, device)
+        result["bytes"], result["peak_at"] = ledger.categories(), ledger.peak_at
+        return loss
+
+    def logged(s):
+        shown.update(loss=f"{s.loss:.3f}")
+        if (s.index + 1) % max(1, len(steps) // 4) == 0:
+            log(f"  {cfg.method} seed {cfg.seed}: step {s.index + 1}/{len(steps)} loss {s.loss:.3f} "
                 f"({time.perf_counter() - started:.0f} s)")
+
+    with progress.bar(len(steps), f"{cfg.method} seed {cfg.seed}: training", unit="step") as shown:
+        done = timed_steps(model, optimizer, batches(), around=around, on_step=logged)
+    train_seconds = time.perf_counter() - started
+    timed = [s for s in done if s.seconds is not None]
     t0 = time.perf_counter()
-    result["tuned"] = score(model, tok, eval_examples, cfg.seq_len, eos, pad)
-    result.update(train_losses=losses, step_seconds=statistics.median(times), tokens=tokens, target_tokens=targets,
-                  schedule_digest=_digest(steps), train_seconds=time.perf_counter() - started,
-                  score_seconds=time.perf_counter() - t0)
+    result["tuned"] = scored("the tuned model")
+    result.update(train_losses=[s.loss for s in timed], step_seconds=statistics.median(s.seconds for s in timed),
+                  tokens=sum(s.tokens for s in done), target_tokens=sum(targets), schedule_digest=_digest(steps),
+                  train_seconds=train_seconds, score_seconds=time.perf_counter() - t0)
     return result
 
 

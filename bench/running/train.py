@@ -10,15 +10,19 @@ from qlora.config import RunConfig
 
 def summary(cfg: RunConfig) -> dict:
     """Build cfg's model, train cfg.steps steps on the built-in corpus, and summarise (JSON-ready)."""
+    from bench import progress
+    from bench.measuring.measure import build_shown
     from bench.measuring.probes import PeakRssAnon
-    from qlora.build import build, count_trainable
+    from qlora.build import count_trainable
     from qlora.optim import make_optimizer
     from qlora.train import corpus_blocks, train
 
     with PeakRssAnon() as rss:
-        built = build(cfg)
+        built = build_shown(cfg)
         optimizer = make_optimizer(cfg, built.model)
-        steps = train(built, cfg, optimizer, corpus_blocks(built, cfg))
+        with progress.bar(cfg.steps, f"{cfg.method}: training", unit="step") as shown:
+            steps = train(built, cfg, optimizer, corpus_blocks(built, cfg),
+                          on_step=lambda s: shown.update(loss=f"{s.loss:.3f}"))
     # The first step allocates optimizer state and warms caches: time the later ones.
     timed = steps[1:] or steps
     median = statistics.median(s.seconds for s in timed)
