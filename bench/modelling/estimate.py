@@ -99,12 +99,36 @@ def quant_state_bytes(numel: int, double_quant: bool) -> int:
     return blocks + math.ceil(blocks / 256) * 4 + 256 * 4 + 4 + code4
 
 
-def static(cfg: RunConfig, arch: Arch) -> dict:
+@dataclass(frozen=True)
+class Static:
+    """What a configuration holds before any step: bytes of weights, quantisation constants and adapters, and the
+    trainable tensors whose gradients and optimizer state the step adds."""
+
+    weights: int
+    quant_state: int
+    adapter: int
+    trainable: tuple[int, ...]  # element count of each trainable tensor
+    weight_bytes: int  # bytes per stored weight or trainable element: 4 in fp32, else 2 (bf16)
+
+    @property
+    def trainable_bytes(self) -> int:
+        return sum(self.trainable) * self.weight_bytes
+
+    @property
+    def largest_bytes(self) -> int:
+        return max(self.trainable) * self.weight_bytes
+
+    def moment_bytes(self, cfg: RunConfig) -> int:
+        """Bytes per element of an AdamW moment: fp32 under mixed and fp32 precision, else the weights' own."""
+        return 4 if cfg.precision in ("mixed", "fp32") else self.weight_bytes
+
+
+def static(cfg: RunConfig, arch: Arch) -> Static:
     """Weights, quantisation constants, adapters, the trainable tensors (for gradients and optimizer state)."""
     p = 4 if cfg.precision == "fp32" else 2  # bytes per stored weight / trainable element
     weights = arch.other_params * p + arch.buffer_bytes
     quant = 0
-    trainable: list[int] = []  # element counts of trainable tensors
+    trainable: list[int] = []
     for leaf, fan_in, fan_out, bias in arch.linears:
         n = fan_in * fan_out
         if cfg.quantized and leaf not in KEEP_UNQUANTISED:
@@ -117,32 +141,36 @@ def static(cfg: RunConfig, arch: Arch) -> dict:
     adapter = sum(trainable) * p
     if cfg.method == "full":
         trainable = list(arch.param_numels)
-    return {"weights": weights, "quant_state": quant, "adapter": adapter, "trainable": trainable,
-            "trainable_bytes": sum(trainable) * p, "largest_bytes": max(trainable) * p, "p": p}
+    return Static(weights=weights, quant_state=quant, adapter=adapter, trainable=tuple(trainable), weight_bytes=p)
 
 
-def optimizer_state(cfg: RunConfig, st: dict, device_type: str) -> int:
+def optimizer_state(cfg: RunConfig, st: Static, device_type: str) -> int:
     """AdamW moments (+ fp32 masters under mixed) or bitsandbytes' 8-bit state, for the trainable tensors."""
-    n = sum(st["trainable"])
-    moment = 4 if cfg.precision in ("mixed", "fp32") else st["p"]
+    n = sum(st.trainable)
     # AdamW keeps an fp32 step counter per tensor, on the CPU (so it is device memory only on a CPU run)
-    steps = 4 * len(st["trainable"]) if device_type == "cpu" else 0
+    steps = 4 * len(st.trainable) if device_type == "cpu" else 0
     master = 4 * n if cfg.precision == "mixed" else 0
     if cfg.optimizer == "adamw":
-        return 2 * moment * n + master + steps
-    eight = sum(2 * k + 2 * 4 * math.ceil(k / 256) if k >= 4096 else 8 * k for k in st["trainable"])
+        return 2 * st.moment_bytes(cfg) * n + master + steps
+    eight = sum(2 * k + 2 * 4 * math.ceil(k / 256) if k >= 4096 else 8 * k for k in st.trainable)
     return eight + 2 * 256 * 4 + master
 
 
-ATTENTION_SIDE = {"q_proj": "n1", "k_proj": "n1", "v_proj": "n1", "o_proj": "attn"}
-MLP_SIDE = {"gate_proj": "n2", "up_proj": "n2", "down_proj": "prod"}
+# The activation each projection of a Llama-family block reads (and, when its weight is trained or it has an
+# adapter, saves for backward): q, k and v share the first norm's output, o_proj reads attention's output, gate and
+# up share the second norm's output, down_proj reads silu(gate) * up. Two projections reading one input save it once.
+LINEAR_INPUT = {
+    "q_proj": "attention_norm", "k_proj": "attention_norm", "v_proj": "attention_norm", "o_proj": "attention_output",
+    "gate_proj": "mlp_norm", "up_proj": "mlp_norm", "down_proj": "gated_product",
+}
+ATTENTION_LINEARS = frozenset(("q_proj", "k_proj", "v_proj", "o_proj"))  # the rest are the MLP's
 
 
 def layer_activations(cfg: RunConfig, arch: Arch, tokens: int, first: bool) -> dict:
     """[torch][hf][peft] Bytes one decoder layer saves for backward (no checkpointing), split into its attention
     half (first norm, attention, q/k/v/o adapters) and its MLP half; "total" is both. `first`: layer 0, whose input
     does not require grad under LoRA, so its first norm saves nothing and its first dropouts no mask."""
-    a = 4 if cfg.precision == "fp32" else 2
+    a = 4 if cfg.precision == "fp32" else 2  # bytes per activation element
     T, h, i = tokens, arch.hidden, arch.inter
     full = cfg.method == "full"
     norm = 4 * T * h + 4 * T + (a * T * h if full else 0)  # fp32 upcast, rsqrt, and the bf16 input of weight*x
@@ -157,7 +185,7 @@ def layer_activations(cfg: RunConfig, arch: Arch, tokens: int, first: bool) -> d
         attn_out_saved = False
     half = {"attention": (0 if (first and not full) else norm) + attn, "mlp": norm + 3 * a * T * i}  # mlp: silu
     # input and output, up
-    width = {"n1": h, "attn": arch.q_dim, "n2": h, "prod": i}
+    width = {"attention_norm": h, "attention_output": arch.q_dim, "mlp_norm": h, "gated_product": i}
     if full:  # linear inputs: norm outputs (shared by q/k/v and by gate/up), o_proj's unless SDPA kept it, product
         half["attention"] += a * T * (h + (0 if attn_out_saved else arch.q_dim))
         half["mlp"] += a * T * (h + i)
@@ -166,13 +194,13 @@ def layer_activations(cfg: RunConfig, arch: Arch, tokens: int, first: bool) -> d
         for leaf, fan_in, _, _ in arch.linears:
             if leaf not in cfg.lora_targets:
                 continue
-            side = "attention" if leaf in ATTENTION_SIDE else "mlp"
-            src = {**ATTENTION_SIDE, **MLP_SIDE}.get(leaf, leaf)
+            side = "attention" if leaf in ATTENTION_LINEARS else "mlp"
+            src = LINEAR_INPUT.get(leaf, leaf)
             half[side] += a * T * cfg.lora_r  # lora_B's input
             if cfg.lora_dropout > 0:
-                mask = 0 if (first and src == "n1") else a * T * fan_in
+                mask = 0 if (first and src == "attention_norm") else a * T * fan_in
                 half[side] += mask + a * T * fan_in  # dropout mask and lora_A's input (the dropped-out copy)
-            elif src not in saved_inputs and not (src == "attn" and attn_out_saved):  # SDPA saved it already
+            elif src not in saved_inputs and not (src == "attention_output" and attn_out_saved):  # SDPA kept it
                 saved_inputs.add(src)
                 half[side] += a * T * width.get(src, fan_in)
     return {**half, "total": half["attention"] + half["mlp"]}
@@ -180,7 +208,7 @@ def layer_activations(cfg: RunConfig, arch: Arch, tokens: int, first: bool) -> d
 
 def activations(cfg: RunConfig, arch: Arch) -> dict:
     """Saved-for-backward bytes as backward starts, and the pieces the peak moments need."""
-    a = 4 if cfg.precision == "fp32" else 2
+    a = 4 if cfg.precision == "fp32" else 2  # bytes per activation element
     b, s = cfg.batch_size, cfg.seq_len
     T, h, V = b * s, arch.hidden, arch.vocab
     full = cfg.method == "full"
@@ -209,7 +237,7 @@ def estimate_bytes(cfg: RunConfig, arch: Arch | None = None, device_type: str | 
     opt = optimizer_state(cfg, st, device_type)
     act = activations(cfg, arch)
     T, V, h, a = act["tokens"], arch.vocab, arch.hidden, act["a"]
-    base = {"weights": st["weights"], "quant_state": st["quant_state"], "adapter": st["adapter"], "optimizer": opt}
+    base = {"weights": st.weights, "quant_state": st.quant_state, "adapter": st.adapter, "optimizer": opt}
     # [bnb] MatMul4Bit's backward dequantises the whole widest 4-bit weight (out x in) in the compute dtype.
     dequantised = max(i * o for _, i, o, _ in arch.linears) * (4 if cfg.compute_dtype == "fp32" else 2)
 
@@ -217,7 +245,7 @@ def estimate_bytes(cfg: RunConfig, arch: Arch | None = None, device_type: str | 
     # Backward starts: every activation is live, and the loss backward holds two fp32 logits-sized gradients.
     moments["backward"] = {**base, "gradients": 0, "activations": act["total"], "other": 8 * T * V}
     # Optimizer step: every gradient is live, activations are gone, plus the step's temporaries.
-    moments["optimizer"] = {**base, "gradients": st["trainable_bytes"], "activations": 0,
+    moments["optimizer"] = {**base, "gradients": st.trainable_bytes, "activations": 0,
                             "other": optimizer_temporaries(cfg, st, device_type)}
     if cfg.quantized and not cfg.grad_checkpointing:
         # [ledger] Backward through the last layer's MLP: the loss and head are done, a dequantised weight is live.
@@ -230,14 +258,14 @@ def estimate_bytes(cfg: RunConfig, arch: Arch | None = None, device_type: str | 
         # three intermediate-sized gradients (the frozen path's, the adapter's or weight's, and their sum). The
         # gradients of the layers already done (and of the head) are live: for Full FT that makes the first layer
         # (processed last) the worst, for LoRA usually the last layer (most inputs still saved).
-        p = st["p"]
+        p = st.weight_bytes
         head_grads = (V * h + h) * p if cfg.method == "full" else 0
-        layer_grads = (st["trainable_bytes"] - (arch.other_params * p if cfg.method == "full" else 0)) // arch.layers
+        layer_grads = (st.trainable_bytes - (arch.other_params * p if cfg.method == "full" else 0)) // arch.layers
         if cfg.method == "full":
-            attn_grads = sum(i * o for leaf, i, o, _ in arch.linears if leaf in ATTENTION_SIDE) * p
+            attn_grads = sum(i * o for leaf, i, o, _ in arch.linears if leaf in ATTENTION_LINEARS) * p
         else:
             attn_grads = sum(cfg.lora_r * (i + o) for leaf, i, o, _ in arch.linears
-                             if leaf in cfg.lora_targets and leaf in ATTENTION_SIDE) * p
+                             if leaf in cfg.lora_targets and leaf in ATTENTION_LINEARS) * p
         temps = a * T * h + 3 * a * T * arch.inter
         one = act["layer"]
         for name, k in (("recompute_last", arch.layers - 1), ("recompute_first", 0)):
@@ -281,13 +309,13 @@ def largest_fitting(cfg: RunConfig, arch: Arch, field: str, capacity_ok, upper: 
     return lo
 
 
-def optimizer_temporaries(cfg: RunConfig, st: dict, device_type: str) -> int:
+def optimizer_temporaries(cfg: RunConfig, st: Static, device_type: str) -> int:
     """[torch] Temporaries of the optimizer step. Single-tensor AdamW (CPU) holds two temporaries the size of the
     largest parameter; foreach AdamW (CUDA default) one copy of all of them. Mixed precision first upcasts every
     gradient to fp32 for the masters. bitsandbytes' 8-bit step works in place."""
-    n = sum(st["trainable"])
-    moment = 4 if cfg.precision in ("mixed", "fp32") else st["p"]
-    largest = st["largest_bytes"] // st["p"] * moment
+    n = sum(st.trainable)
+    moment = st.moment_bytes(cfg)
+    largest = max(st.trainable) * moment
     extra = 4 * n if cfg.precision == "mixed" else 0
     if cfg.optimizer != "adamw":
         return extra
