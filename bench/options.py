@@ -24,7 +24,10 @@ HELP = {
     "lora_r": "LoRA rank", "lora_alpha": "LoRA alpha", "lora_dropout": "LoRA dropout",
     "lora_targets": f"comma-separated Linear names to adapt ({ALL_LINEAR}: every Linear of the decoder layers, the "
                     "seven projections of a Llama-family block)",
-    "optimizer": "optimizer", "lr": "learning rate (default: 2e-5 full, 2e-4 lora/qlora)",
+    "optimizer": "optimizer",
+    "adamw_impl": "torch AdamW's implementation (default: torch's choice, for-loop on CPU and foreach on CUDA); "
+                  "their scratch memory in the optimizer step differs",
+    "lr": "learning rate (default: 2e-5 full, 2e-4 lora/qlora)",
     "precision": "bf16 (pure), mixed (bf16 model + fp32 master weights) or fp32",
     "batch_size": "sequences per step",
     "seq_len": "tokens per sequence (default: 512, or the model's maximum if that is shorter)",

@@ -14,6 +14,10 @@ Method = Literal["full", "lora", "qlora"]
 QuantType = Literal["nf4", "fp4"]
 DType = Literal["bf16", "fp16", "fp32"]
 Optimizer = Literal["adamw", "adamw8bit", "paged_adamw8bit"]
+# torch AdamW's implementation. default: torch's own choice (the for-loop on CPU, foreach on CUDA). foreach updates
+# every tensor at once through temporaries as large as all of them; fused runs one kernel per tensor group in place;
+# for-loop updates one tensor at a time. Their scratch memory differs, not their state.
+AdamWImpl = Literal["default", "foreach", "fused", "for-loop"]
 # bf16: everything (weights, gradients, optimizer moments) in bf16. mixed: bf16 model, fp32 master copy of the
 # trainable parameters held by the optimizer. fp32: everything in fp32 (the CPU-friendly reference).
 Precision = Literal["bf16", "mixed", "fp32"]
@@ -74,6 +78,7 @@ class RunConfig:
     lora_dropout: float = 0.05
     lora_targets: tuple[str, ...] = (ALL_LINEAR,)
     optimizer: Optimizer = "adamw"
+    adamw_impl: AdamWImpl = "default"  # optimizer adamw only
     lr: float | None = None  # None: the method's default (see default_lr)
     precision: Precision = "bf16"
     batch_size: int = 1
@@ -90,6 +95,7 @@ class RunConfig:
         _choice("quant_type", self.quant_type, QuantType)
         _choice("compute_dtype", self.compute_dtype, DType)
         _choice("optimizer", self.optimizer, Optimizer)
+        _choice("adamw_impl", self.adamw_impl, AdamWImpl)
         _choice("precision", self.precision, Precision)
         _choice("attention", self.attention, Attention)
         if not isinstance(self.model, str) or not self.model.strip():
@@ -115,6 +121,9 @@ class RunConfig:
         if not isinstance(self.device, str) or not (
                 self.device in ("cpu", "cuda") or (self.device.startswith("cuda:") and self.device[5:].isdigit())):
             raise ConfigError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
+        if self.adamw_impl != "default" and self.optimizer != "adamw":
+            raise ConfigError(f"adamw_impl {self.adamw_impl} chooses torch's AdamW implementation; optimizer "
+                              f"{self.optimizer} is bitsandbytes' own (use adamw_impl default)")
         if self.optimizer == "paged_adamw8bit" and not self.device.startswith("cuda"):
             raise ConfigError(
                 f"optimizer paged_adamw8bit pages state through CUDA unified memory and needs a CUDA device; "

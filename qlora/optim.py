@@ -7,12 +7,15 @@ from torch import nn
 
 from qlora.config import ConfigError, RunConfig
 
+# RunConfig.adamw_impl -> torch.optim.AdamW's arguments
+ADAMW_IMPL = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}, "for-loop": {"foreach": False}}
+
 
 def _inner(cfg: RunConfig, params: list[torch.Tensor]) -> torch.optim.Optimizer:
     lr = cfg.effective_lr
     if cfg.optimizer == "adamw":
         # weight_decay=0: decay on LoRA factors is not what the QLoRA recipe does, and it keeps methods comparable.
-        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, **ADAMW_IMPL[cfg.adamw_impl])
     import bitsandbytes as bnb
 
     cls = {"adamw8bit": bnb.optim.AdamW8bit, "paged_adamw8bit": bnb.optim.PagedAdamW8bit}[cfg.optimizer]

@@ -34,6 +34,10 @@ def test_models_lists_llama_2_7b_with_its_exact_count(capsys):
         (["train", "tiny-llama", "--seq-len", "4096"], "seq_len 4096 exceeds the model's maximum of 256"),
         (["train", "tiny-llama", "--seq-len", "abc"], "invalid int value: 'abc'"),
         (["train", "tiny-llama", "--optimizer", "paged_adamw8bit", "--device", "cpu"], "paged_adamw8bit"),
+        (["train", "tiny-llama", "--adamw-impl", "fast"], "adamw_impl must be one of default, foreach, fused, "
+                                                           "for-loop; got 'fast'"),
+        (["train", "tiny-llama", "--adamw-impl", "fused", "--optimizer", "adamw8bit"], "adamw_impl fused chooses "
+                                                                                      "torch's AdamW"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
     ],
 )

@@ -35,6 +35,40 @@ def test_peak_within_5_percent_on_the_tiny_model(tiny, method, checkpointing, se
     assert estimate_bytes(cfg)["bytes"]["peak"] == pytest.approx(measured, rel=0.05)
 
 
+TINY_TRAINABLE, TINY_LARGEST = 426_624, 65_536  # tiny-llama's parameter count and its largest tensor (embedding)
+
+
+@pytest.mark.parametrize("precision, impl", [("mixed", "for-loop"), ("mixed", "foreach"), ("mixed", "fused"),
+                                             ("bf16", "for-loop"), ("bf16", "foreach")])
+def test_adamw_implementation_scratch_is_measured_and_estimated(tiny, precision, impl):
+    """The optimizer step's scratch, by AdamW implementation, read by the ledger on CPU (Full FT at a short sequence
+    peaks in the optimizer step, so `other` at the peak is that scratch): the for-loop holds two temporaries the
+    size of the largest tensor, foreach one copy of every trainable tensor, fused none; mixed precision adds the
+    fp32 upcast of every gradient. The estimator must say the same for each."""
+    cfg = tiny(method="full", precision=precision, adamw_impl=impl, seq_len=32, steps=1)
+    raw = measure_once(cfg)
+    assert raw["optimizer_impl"] == impl and raw["peak_at"]["phase"] == "optimizer"
+    moment = 4 if precision == "mixed" else 2
+    upcast = 4 * TINY_TRAINABLE if precision == "mixed" else 0
+    scratch = {"for-loop": 2 * TINY_LARGEST * moment, "foreach": TINY_TRAINABLE * moment, "fused": 0}[impl]
+    assert 0 <= raw["bytes"]["other"] - upcast - scratch < 1024  # a few scalars besides
+    estimated = estimate_bytes(cfg)["bytes"]
+    assert estimated["other"] == upcast + scratch
+    assert estimated["peak"] == pytest.approx(raw["bytes"]["peak"], rel=0.005)
+
+
+def test_estimates_say_which_adamw_they_assume(capsys):
+    assert main(["estimate", "llama-2-7b", "--method", "full", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["optimizer_impl"] == "foreach"  # torch's default on CUDA
+    assert main(["estimate", "llama-2-7b", "--method", "full", "--adamw-impl", "fused", "--json"]) == 0
+    fused = json.loads(capsys.readouterr().out)
+    assert fused["optimizer_impl"] == "fused"
+    assert main(["estimate", "llama-2-7b", "--method", "full", "--json"]) == 0
+    foreach = json.loads(capsys.readouterr().out)
+    # foreach's scratch is one bf16 copy of all 6.7B parameters: 13.5 GB that fused AdamW never allocates
+    assert foreach["bytes"]["other"] - fused["bytes"]["other"] == 6_738_415_616 * 2
+
+
 def test_llama_2_7b_qlora_layout(capsys):
     assert main(["estimate", "llama-2-7b", "--method", "qlora", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)

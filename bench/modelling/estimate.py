@@ -147,8 +147,10 @@ def static(cfg: RunConfig, arch: Arch) -> Static:
 def optimizer_state(cfg: RunConfig, st: Static, device_type: str) -> int:
     """AdamW moments (+ fp32 masters under mixed) or bitsandbytes' 8-bit state, for the trainable tensors."""
     n = sum(st.trainable)
-    # AdamW keeps an fp32 step counter per tensor, on the CPU (so it is device memory only on a CPU run)
-    steps = 4 * len(st.trainable) if device_type == "cpu" else 0
+    # AdamW keeps an fp32 step counter per tensor: on the CPU (so device memory only on a CPU run), except fused
+    # AdamW's, which live on the parameters' device
+    on_device = device_type == "cpu" or (cfg.optimizer == "adamw" and adamw_impl(cfg, device_type) == "fused")
+    steps = 4 * len(st.trainable) if on_device else 0
     master = 4 * n if cfg.precision == "mixed" else 0
     if cfg.optimizer == "adamw":
         return 2 * st.moment_bytes(cfg) * n + master + steps
@@ -309,14 +311,23 @@ def largest_fitting(cfg: RunConfig, arch: Arch, field: str, capacity_ok, upper: 
     return lo
 
 
+def adamw_impl(cfg: RunConfig, device_type: str) -> str:
+    """The AdamW implementation a step runs: the config's, or torch's default for the device (for-loop on CPU,
+    foreach on CUDA; qlora.optim.implementation reads the same off a real optimizer)."""
+    if cfg.adamw_impl != "default":
+        return cfg.adamw_impl
+    return "for-loop" if device_type == "cpu" else "foreach"
+
+
 def optimizer_temporaries(cfg: RunConfig, st: Static, device_type: str) -> int:
-    """[torch] Temporaries of the optimizer step. Single-tensor AdamW (CPU) holds two temporaries the size of the
-    largest parameter; foreach AdamW (CUDA default) one copy of all of them. Mixed precision first upcasts every
-    gradient to fp32 for the masters. bitsandbytes' 8-bit step works in place."""
+    """[torch][ledger] Temporaries of the optimizer step, by AdamW implementation: the for-loop holds two the size of
+    the largest trainable tensor, foreach one copy of all of them, fused none (it updates in place). These are bytes,
+    not device behaviour: the ledger measures them on CPU (tests/test_estimate.py). Mixed precision first upcasts
+    every gradient to fp32 for the masters. bitsandbytes' 8-bit step works in place."""
     n = sum(st.trainable)
     moment = st.moment_bytes(cfg)
-    largest = max(st.trainable) * moment
     extra = 4 * n if cfg.precision == "mixed" else 0
     if cfg.optimizer != "adamw":
         return extra
-    return extra + (2 * largest if device_type == "cpu" else n * moment)
+    scratch = {"for-loop": 2 * max(st.trainable) * moment, "foreach": n * moment, "fused": 0}
+    return extra + scratch[adamw_impl(cfg, device_type)]

@@ -15,7 +15,7 @@ from dataclasses import replace
 
 from bench.measuring import record
 from bench.modelling import gpus
-from bench.modelling.estimate import arch_of, estimate_bytes, largest_fitting
+from bench.modelling.estimate import adamw_impl, arch_of, estimate_bytes, largest_fitting
 from bench.schema import METHODS, run_key
 from qlora.config import ConfigError, RunConfig
 
@@ -30,9 +30,13 @@ def estimate_record(cfg: RunConfig, *, cards: tuple[str, ...] = CARDS, **extra) 
     arch = arch_of(cfg)
     est = estimate_bytes(cfg, arch)
     peak = est["bytes"]["peak"]
+    device_type = "cuda" if cfg.device.startswith("cuda") else "cpu"
+    # which AdamW the estimate assumes: the config's, or what torch picks by default on that device
+    impl = adamw_impl(cfg, device_type) if cfg.optimizer == "adamw" else "bitsandbytes"
     return record.make(cfg.to_dict(), source="estimated", status="ok", bytes_=est["bytes"],
                        env=record.environment("cpu"), layers=arch.layers, peak_at={"phase": est["phase"]},
-                       moments=est["moments"], cards={g: gpus.on_card(gpus.CATALOG[g], peak) for g in cards}, **extra)
+                       moments=est["moments"], cards={g: gpus.on_card(gpus.CATALOG[g], peak) for g in cards},
+                       optimizer_impl=impl, **extra)
 
 
 def fit_on(gpu: gpus.GPU, cfg: RunConfig, peak_bytes: int, *, limits: bool = False,
@@ -131,5 +135,7 @@ def fit_base(r: dict) -> dict:
 
 
 def _same(a: dict, b: dict) -> bool:
-    fields = ("config", "bytes", "peak_at", "cards", "fit", "purpose")
-    return all(a.get(f) == b.get(f) for f in fields)
+    """The same estimate: the same setting (configs compared with defaults filled in, so a record written before a
+    config field existed still matches) and the same figures."""
+    fields = ("bytes", "peak_at", "cards", "fit", "purpose")
+    return run_key(a["config"]) == run_key(b["config"]) and all(a.get(f) == b.get(f) for f in fields)
