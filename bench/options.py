@@ -24,7 +24,9 @@ HELP = {
     "lora_r": "LoRA rank", "lora_alpha": "LoRA alpha", "lora_dropout": "LoRA dropout",
     "lora_targets": f"comma-separated Linear names to adapt ({ALL_LINEAR}: every Linear of the decoder layers, the "
                     "seven projections of a Llama-family block)",
-    "optimizer": "optimizer",
+    "optimizer": "optimizer (paged ones need CUDA)",
+    "adapter_dtype": "dtype of the LoRA adapters, their gradients and moments: model (the model's) or fp32 (PEFT's "
+                     "default)",
     "adamw_impl": "torch AdamW's implementation (default: torch's choice, for-loop on CPU and foreach on CUDA); "
                   "their scratch memory in the optimizer step differs",
     "lr": "learning rate (default: 2e-5 full, 2e-4 lora/qlora)",
@@ -36,9 +38,11 @@ HELP = {
     "device": "cpu, cuda or cuda:N (default: cuda if available, else cpu)",
     "layers": "build only N decoder layers (reduced depth; measure extrapolates from N/2 and N)",
 }
-# The two booleans are flags that flip their default.
+# Booleans are flags that flip their default.
 FLAGS = {"double_quant": ("--no-double-quant", "store the 4-bit block constants in fp32 instead of 8 bit (qlora)"),
-         "grad_checkpointing": ("--grad-checkpointing", "recompute activations in backward")}
+         "grad_checkpointing": ("--grad-checkpointing", "recompute activations in backward"),
+         "kbit_prepare": ("--kbit-prepare", "PEFT's prepare_model_for_kbit_training first: every parameter that is "
+                          "not 4-bit in fp32 (qlora)")}
 NO_DEFAULT_SHOWN = ("lr", "seq_len", "device", "layers")  # their help says what None means
 
 

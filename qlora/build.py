@@ -49,6 +49,11 @@ def build(cfg: RunConfig, on_layer=None) -> Built:
         model, tokenizer = pretrained_model(source, hf_cfg, cfg, device)
     model.config.use_cache = False  # the KV cache is for generation; in training it only costs memory
     quantize.disable_cpu_repacking_(model)
+    if cfg.kbit_prepare:
+        from peft import prepare_model_for_kbit_training
+
+        # PEFT's own function (fp32 for every parameter that is not 4-bit); checkpointing stays ours, below.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if cfg.adapter:
         model = add_lora(model, cfg)
     else:
@@ -161,7 +166,7 @@ def pretrained_model(source: models.ModelSource, hf_cfg, cfg: RunConfig, device:
 
 
 def add_lora(model: nn.Module, cfg: RunConfig) -> nn.Module:
-    """Freeze the base and add LoRA adapters to cfg.lora_targets (resolved by preflight), in the trainable dtype."""
+    """Freeze the base and add LoRA adapters to cfg.lora_targets (resolved by preflight), in cfg.adapter_dtype."""
     from peft import LoraConfig, get_peft_model
 
     for p in model.parameters():
@@ -175,9 +180,9 @@ def add_lora(model: nn.Module, cfg: RunConfig) -> nn.Module:
         task_type="CAUSAL_LM",
     )
     # autocast_adapter_dtype=False: peft would otherwise upcast bf16 adapters to fp32 behind our back; the
-    # precision setting decides instead (mixed keeps the fp32 master copy in the optimizer).
+    # adapter_dtype setting decides instead (fp32 is PEFT's default; mixed keeps an fp32 master copy instead).
     model = get_peft_model(model, lora, autocast_adapter_dtype=False)
-    dtype = model_dtype(cfg)
+    dtype = torch.float32 if cfg.adapter_dtype == "fp32" else model_dtype(cfg)
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.to(dtype)

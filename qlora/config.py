@@ -13,7 +13,8 @@ from typing import Literal, get_args
 Method = Literal["full", "lora", "qlora"]
 QuantType = Literal["nf4", "fp4"]
 DType = Literal["bf16", "fp16", "fp32"]
-Optimizer = Literal["adamw", "adamw8bit", "paged_adamw8bit"]
+# paged_*: bitsandbytes' paged optimizers (state in CUDA unified memory; the QLoRA paper's paged 32-bit AdamW)
+Optimizer = Literal["adamw", "adamw8bit", "paged_adamw8bit", "paged_adamw32bit"]
 # torch AdamW's implementation. default: torch's own choice (the for-loop on CPU, foreach on CUDA). foreach updates
 # every tensor at once through temporaries as large as all of them; fused runs one kernel per tensor group in place;
 # for-loop updates one tensor at a time. Their scratch memory differs, not their state.
@@ -21,6 +22,10 @@ AdamWImpl = Literal["default", "foreach", "fused", "for-loop"]
 # bf16: everything (weights, gradients, optimizer moments) in bf16. mixed: bf16 model, fp32 master copy of the
 # trainable parameters held by the optimizer. fp32: everything in fp32 (the CPU-friendly reference).
 Precision = Literal["bf16", "mixed", "fp32"]
+# The dtype LoRA adapters are stored and trained in. model: the model's (bf16, or fp32 under precision fp32).
+# fp32: PEFT's default (get_peft_model's autocast_adapter_dtype upcasts bf16/fp16 adapters), so their gradients and
+# AdamW moments are fp32 too.
+AdapterDtype = Literal["model", "fp32"]
 # transformers' attention implementations available without extra packages: sdpa (torch's fused kernels; the
 # default) keeps O(seq) per head for backward, eager materialises the O(seq^2) attention matrix.
 Attention = Literal["sdpa", "eager"]
@@ -77,6 +82,10 @@ class RunConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     lora_targets: tuple[str, ...] = (ALL_LINEAR,)
+    adapter_dtype: AdapterDtype = "model"
+    # PEFT's prepare_model_for_kbit_training before the adapters (qlora only): every parameter that is not 4-bit
+    # (embeddings, norms, lm_head) cast to fp32, which also carries the residual stream in fp32.
+    kbit_prepare: bool = False
     optimizer: Optimizer = "adamw"
     adamw_impl: AdamWImpl = "default"  # optimizer adamw only
     lr: float | None = None  # None: the method's default (see default_lr)
@@ -98,12 +107,14 @@ class RunConfig:
         _choice("adamw_impl", self.adamw_impl, AdamWImpl)
         _choice("precision", self.precision, Precision)
         _choice("attention", self.attention, Attention)
+        _choice("adapter_dtype", self.adapter_dtype, AdapterDtype)
         if not isinstance(self.model, str) or not self.model.strip():
             raise ConfigError(f"model must be a non-empty name or path, got {self.model!r}")
         for name in ("lora_r", "lora_alpha", "batch_size", "seq_len", "steps"):
             _positive(name, getattr(self, name))
         _positive("layers", self.layers, allow_none=True)
-        for name in ("double_quant", "grad_checkpointing"):  # a plan's "yes" or 1 must not pass as a flag
+        # a plan's "yes" or 1 must not pass as a flag
+        for name in ("double_quant", "grad_checkpointing", "kbit_prepare"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
@@ -124,11 +135,20 @@ class RunConfig:
         if self.adamw_impl != "default" and self.optimizer != "adamw":
             raise ConfigError(f"adamw_impl {self.adamw_impl} chooses torch's AdamW implementation; optimizer "
                               f"{self.optimizer} is bitsandbytes' own (use adamw_impl default)")
-        if self.optimizer == "paged_adamw8bit" and not self.device.startswith("cuda"):
+        if self.optimizer.startswith("paged_") and not self.device.startswith("cuda"):
             raise ConfigError(
-                f"optimizer paged_adamw8bit pages state through CUDA unified memory and needs a CUDA device; "
+                f"optimizer {self.optimizer} pages state through CUDA unified memory and needs a CUDA device; "
                 f"got device {self.device!r}"
             )
+        if self.adapter_dtype != "model" and not self.adapter:
+            raise ConfigError(f"adapter_dtype {self.adapter_dtype} applies to lora and qlora; method {self.method} "
+                              "has no adapters")
+        if self.adapter_dtype == "fp32" and self.precision == "mixed":
+            raise ConfigError("adapter_dtype fp32 with precision mixed: fp32 adapters need no fp32 master copy; "
+                              "use precision bf16")
+        if self.kbit_prepare and not self.quantized:
+            raise ConfigError(f"kbit_prepare (PEFT's prepare_model_for_kbit_training) applies to qlora; got method "
+                              f"{self.method}")
 
     @property
     def adapter(self) -> bool:

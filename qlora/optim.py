@@ -1,4 +1,4 @@
-"""Optimizers: torch AdamW, bitsandbytes' 8-bit and paged 8-bit AdamW, optionally over fp32 master weights."""
+"""Optimizers: torch AdamW, bitsandbytes' 8-bit and paged (8- and 32-bit) AdamW, optionally over fp32 masters."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ def _inner(cfg: RunConfig, params: list[torch.Tensor]) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, **ADAMW_IMPL[cfg.adamw_impl])
     import bitsandbytes as bnb
 
-    cls = {"adamw8bit": bnb.optim.AdamW8bit, "paged_adamw8bit": bnb.optim.PagedAdamW8bit}[cfg.optimizer]
+    cls = {"adamw8bit": bnb.optim.AdamW8bit, "paged_adamw8bit": bnb.optim.PagedAdamW8bit,
+           "paged_adamw32bit": bnb.optim.PagedAdamW32bit}[cfg.optimizer]
     return cls(params, lr=lr, weight_decay=0.0)
 
 

@@ -38,6 +38,15 @@ def test_models_lists_llama_2_7b_with_its_exact_count(capsys):
                                                            "for-loop; got 'fast'"),
         (["train", "tiny-llama", "--adamw-impl", "fused", "--optimizer", "adamw8bit"], "adamw_impl fused chooses "
                                                                                       "torch's AdamW"),
+        (["train", "tiny-llama", "--method", "full", "--adapter-dtype", "fp32"], "adapter_dtype fp32 applies to lora "
+                                                                                "and qlora"),
+        (["train", "tiny-llama", "--method", "lora", "--kbit-prepare"], "kbit_prepare (PEFT's "
+                                                                         "prepare_model_for_kbit_training) applies "
+                                                                         "to qlora"),
+        (["train", "tiny-llama", "--adapter-dtype", "fp32", "--precision", "mixed"], "fp32 adapters need no fp32 "
+                                                                                     "master copy"),
+        (["train", "tiny-llama", "--optimizer", "paged_adamw32bit", "--device", "cpu"], "paged_adamw32bit pages "
+                                                                                        "state through CUDA"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
     ],
 )

@@ -35,6 +35,37 @@ def test_peak_within_5_percent_on_the_tiny_model(tiny, method, checkpointing, se
     assert estimate_bytes(cfg)["bytes"]["peak"] == pytest.approx(measured, rel=0.05)
 
 
+# PEFT's own settings: fp32 adapters (get_peft_model's default), and for QLoRA prepare_model_for_kbit_training
+# (every parameter that is not 4-bit in fp32, so the residual stream is fp32 too).
+PEFT_SETTINGS = [dict(method="lora", adapter_dtype="fp32"), dict(method="qlora", adapter_dtype="fp32"),
+                 dict(method="qlora", kbit_prepare=True), dict(method="qlora", kbit_prepare=True, adapter_dtype="fp32"),
+                 dict(method="qlora", kbit_prepare=True, lora_dropout=0.0),
+                 dict(method="lora", adapter_dtype="fp32", lora_dropout=0.0)]
+
+
+@pytest.mark.parametrize("setting", PEFT_SETTINGS, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
+def test_peft_settings_static_exact_and_peak_within_1_percent(tiny, setting):
+    """What PEFT's defaults change, term by term: fp32 adapters (and their gradients and moments), fp32 non-4-bit
+    parameters, and what each path saves for backward in which dtype (peft casts each adapter's input to the
+    adapter's dtype; fp32 norms carry fp32 activations through the 4-bit Linears)."""
+    cfg = tiny(seq_len=128, steps=1, **setting)
+    measured = measure_once(cfg)["bytes"]
+    estimated = estimate_bytes(cfg)["bytes"]
+    for c in STATIC:
+        assert estimated[c] == measured[c], c
+    assert estimated["peak"] == pytest.approx(measured["peak"], rel=0.01)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("setting", [dict(method="qlora", kbit_prepare=True, adapter_dtype="fp32"),
+                                     dict(method="lora", adapter_dtype="fp32")], ids=["peft-qlora", "peft-lora"])
+def test_peft_recipes_at_7b_width_within_5_percent(setting):
+    """The PEFT recipes with checkpointing at Llama-2-7B's width (2 layers): the estimate's peak within 5%."""
+    cfg = RunConfig(model="llama-2-7b", layers=2, seq_len=256, steps=1, grad_checkpointing=True, **setting)
+    measured = measure_once(cfg)["bytes"]["peak"]
+    assert estimate_bytes(cfg)["bytes"]["peak"] == pytest.approx(measured, rel=0.05)
+
+
 TINY_TRAINABLE, TINY_LARGEST = 426_624, 65_536  # tiny-llama's parameter count and its largest tensor (embedding)
 
 
@@ -189,3 +220,25 @@ def test_bad_plans_name_the_file_and_key(tmp_path, text, named):
     with pytest.raises(ConfigError) as e:
         load_plan(plan)
     assert named in str(e.value) and str(plan) in str(e.value)
+
+
+def test_paged_32bit_adamw_state_is_what_bitsandbytes_allocates(tiny):
+    """The QLoRA paper's paged 32-bit AdamW needs CUDA; its state layout is bitsandbytes' 32-bit AdamW's (paging
+    moves it, it does not shrink it), which runs here: two fp32 moments per trainable element."""
+    from dataclasses import replace
+
+    import bitsandbytes as bnb
+    import torch
+
+    from bench.measuring.ledger import static_tensors
+    from qlora.build import build
+
+    cfg = tiny(method="qlora", adapter_dtype="fp32", kbit_prepare=True)
+    built = build(cfg)
+    opt = bnb.optim.AdamW32bit([p for p in built.model.parameters() if p.requires_grad], lr=1e-4)
+    ids = torch.randint(0, 512, (cfg.batch_size, cfg.seq_len))
+    built.model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    state = sum(t.untyped_storage().nbytes() for t in static_tensors(built.model, opt)["optimizer"])
+    paged = replace(cfg, optimizer="paged_adamw32bit", device="cuda")
+    assert estimate_bytes(paged)["bytes"]["optimizer"] == state == 2 * 4 * 65_536

@@ -108,25 +108,27 @@ class Static:
     quant_state: int
     adapter: int
     trainable: tuple[int, ...]  # element count of each trainable tensor
-    weight_bytes: int  # bytes per stored weight or trainable element: 4 in fp32, else 2 (bf16)
+    element_bytes: int  # bytes per trainable element (its gradient too): 4 in fp32 or for fp32 adapters, else 2
 
     @property
     def trainable_bytes(self) -> int:
-        return sum(self.trainable) * self.weight_bytes
+        return sum(self.trainable) * self.element_bytes
 
     @property
     def largest_bytes(self) -> int:
-        return max(self.trainable) * self.weight_bytes
+        return max(self.trainable) * self.element_bytes
 
     def moment_bytes(self, cfg: RunConfig) -> int:
-        """Bytes per element of an AdamW moment: fp32 under mixed and fp32 precision, else the weights' own."""
-        return 4 if cfg.precision in ("mixed", "fp32") else self.weight_bytes
+        """Bytes per element of an AdamW moment: fp32 under mixed precision (the masters'), else the trainable
+        tensors' own dtype (torch keeps moments in the parameter's dtype)."""
+        return 4 if cfg.precision == "mixed" else self.element_bytes
 
 
 def static(cfg: RunConfig, arch: Arch) -> Static:
     """Weights, quantisation constants, adapters, the trainable tensors (for gradients and optimizer state)."""
-    p = 4 if cfg.precision == "fp32" else 2  # bytes per stored weight / trainable element
-    weights = arch.other_params * p + arch.buffer_bytes
+    p = 4 if cfg.precision == "fp32" else 2  # bytes per stored weight
+    # [peft] prepare_model_for_kbit_training casts every parameter that is not 4-bit to fp32
+    weights = arch.other_params * (4 if cfg.kbit_prepare else p) + arch.buffer_bytes
     quant = 0
     trainable: list[int] = []
     for leaf, fan_in, fan_out, bias in arch.linears:
@@ -138,14 +140,30 @@ def static(cfg: RunConfig, arch: Arch) -> Static:
             weights += arch.layers * (n + (fan_out if bias else 0)) * p
         if cfg.adapter and leaf in cfg.lora_targets:
             trainable += [cfg.lora_r * fan_in, fan_out * cfg.lora_r] * arch.layers
-    adapter = sum(trainable) * p
+    element = adapter_bytes(cfg) if cfg.adapter else p
+    adapter = sum(trainable) * element
     if cfg.method == "full":
         trainable = list(arch.param_numels)
-    return Static(weights=weights, quant_state=quant, adapter=adapter, trainable=tuple(trainable), weight_bytes=p)
+    return Static(weights=weights, quant_state=quant, adapter=adapter, trainable=tuple(trainable),
+                  element_bytes=element)
+
+
+def activation_bytes(cfg: RunConfig) -> int:
+    """[hf][peft] Bytes per element of the base path's activations: fp32 under precision fp32, or when
+    prepare_model_for_kbit_training's fp32 embeddings and norms carry the residual stream in fp32 (the 4-bit
+    Linears return their input's dtype); else bf16."""
+    return 4 if cfg.precision == "fp32" or cfg.kbit_prepare else 2
+
+
+def adapter_bytes(cfg: RunConfig) -> int:
+    """[peft] Bytes per element of the adapters and of what their path saves (peft casts each adapter's input to
+    the adapter's dtype): fp32 adapters or precision fp32, else bf16."""
+    return 4 if cfg.precision == "fp32" or cfg.adapter_dtype == "fp32" else 2
 
 
 def optimizer_state(cfg: RunConfig, st: Static, device_type: str) -> int:
-    """AdamW moments (+ fp32 masters under mixed) or bitsandbytes' 8-bit state, for the trainable tensors."""
+    """AdamW moments (+ fp32 masters under mixed) or bitsandbytes' 8-bit or paged 32-bit state, for the trainable
+    tensors. [bnb] 32-bit optimizers keep both moments in fp32 whatever the parameters' dtype."""
     n = sum(st.trainable)
     # AdamW keeps an fp32 step counter per tensor: on the CPU (so device memory only on a CPU run), except fused
     # AdamW's, which live on the parameters' device
@@ -154,6 +172,8 @@ def optimizer_state(cfg: RunConfig, st: Static, device_type: str) -> int:
     master = 4 * n if cfg.precision == "mixed" else 0
     if cfg.optimizer == "adamw":
         return 2 * st.moment_bytes(cfg) * n + master + steps
+    if cfg.optimizer == "paged_adamw32bit":
+        return 2 * 4 * n + master
     eight = sum(2 * k + 2 * 4 * math.ceil(k / 256) if k >= 4096 else 8 * k for k in st.trainable)
     return eight + 2 * 256 * 4 + master
 
@@ -172,7 +192,7 @@ def layer_activations(cfg: RunConfig, arch: Arch, tokens: int, first: bool) -> d
     """[torch][hf][peft] Bytes one decoder layer saves for backward (no checkpointing), split into its attention
     half (first norm, attention, q/k/v/o adapters) and its MLP half; "total" is both. `first`: layer 0, whose input
     does not require grad under LoRA, so its first norm saves nothing and its first dropouts no mask."""
-    a = 4 if cfg.precision == "fp32" else 2  # bytes per activation element
+    a, ad = activation_bytes(cfg), adapter_bytes(cfg)  # bytes per element: base path, adapter path
     T, h, i = tokens, arch.hidden, arch.inter
     full = cfg.method == "full"
     norm = 4 * T * h + 4 * T + (a * T * h if full else 0)  # fp32 upcast, rsqrt, and the bf16 input of weight*x
@@ -198,10 +218,12 @@ def layer_activations(cfg: RunConfig, arch: Arch, tokens: int, first: bool) -> d
                 continue
             side = "attention" if leaf in ATTENTION_LINEARS else "mlp"
             src = LINEAR_INPUT.get(leaf, leaf)
-            half[side] += a * T * cfg.lora_r  # lora_B's input
+            half[side] += ad * T * cfg.lora_r  # lora_B's input
             if cfg.lora_dropout > 0:
-                mask = 0 if (first and src == "attention_norm") else a * T * fan_in
-                half[side] += mask + a * T * fan_in  # dropout mask and lora_A's input (the dropped-out copy)
+                mask = 0 if (first and src == "attention_norm") else ad * T * fan_in
+                half[side] += mask + ad * T * fan_in  # dropout mask and lora_A's input (the dropped-out copy)
+            elif ad != a:  # [peft] each adapter casts its input to its own dtype: one saved copy per adapter
+                half[side] += ad * T * fan_in
             elif src not in saved_inputs and not (src == "attention_output" and attn_out_saved):  # SDPA kept it
                 saved_inputs.add(src)
                 half[side] += a * T * width.get(src, fan_in)
@@ -210,7 +232,7 @@ def layer_activations(cfg: RunConfig, arch: Arch, tokens: int, first: bool) -> d
 
 def activations(cfg: RunConfig, arch: Arch) -> dict:
     """Saved-for-backward bytes as backward starts, and the pieces the peak moments need."""
-    a = 4 if cfg.precision == "fp32" else 2  # bytes per activation element
+    a = activation_bytes(cfg)
     b, s = cfg.batch_size, cfg.seq_len
     T, h, V = b * s, arch.hidden, arch.vocab
     full = cfg.method == "full"
@@ -260,7 +282,7 @@ def estimate_bytes(cfg: RunConfig, arch: Arch | None = None, device_type: str | 
         # three intermediate-sized gradients (the frozen path's, the adapter's or weight's, and their sum). The
         # gradients of the layers already done (and of the head) are live: for Full FT that makes the first layer
         # (processed last) the worst, for LoRA usually the last layer (most inputs still saved).
-        p = st.weight_bytes
+        p = st.element_bytes
         head_grads = (V * h + h) * p if cfg.method == "full" else 0
         layer_grads = (st.trainable_bytes - (arch.other_params * p if cfg.method == "full" else 0)) // arch.layers
         if cfg.method == "full":

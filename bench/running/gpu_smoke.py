@@ -125,7 +125,7 @@ def checks(records: list[dict]) -> list[tuple[str, bool, str]]:
             rss = r.get("rss_anon_peak")
             out.append((f"{name}: device figures recorded", rss is not None,
                         f"rss_anon_peak {rss / GiB:.3f} GiB" if rss else "none"))
-        if c["optimizer"] == "paged_adamw8bit":
+        if c["optimizer"].startswith("paged_"):
             paged = r.get("optimizer_paged_bytes") or 0
             out.append((f"{name}: paged optimizer state counted", 0 < paged <= r["bytes"]["optimizer"],
                         f"{paged / MiB:.1f} MiB paged of {r['bytes']['optimizer'] / MiB:.1f} MiB optimizer"))
