@@ -10,9 +10,10 @@ from __future__ import annotations
 import argparse
 import math
 import typing
-from dataclasses import fields, replace
+from dataclasses import fields
 from pathlib import Path
 
+from bench import recipes
 from bench.schema import METHODS
 from qlora.config import ALL_LINEAR, ConfigError, RunConfig
 
@@ -77,13 +78,16 @@ def add_run_options(p: argparse.ArgumentParser, *, method_all: bool) -> None:
     """MODEL and one option per RunConfig field (`lora_r` is --lora-r); every default is the config's own."""
     defaults, hints = RunConfig(), typing.get_type_hints(RunConfig)
     p.add_argument("model", help="bundled name (see `qlora-bench models`), a directory, or a hub id")
+    p.add_argument("--recipe", help=f"a named setting ({', '.join(recipes.load())}; bench/recipes.toml); explicit "
+                   "options override it")
     for f in fields(RunConfig):
         if f.name == "model":
             continue
         default = getattr(defaults, f.name)
         if f.name in FLAGS:
             flag, text = FLAGS[f.name]
-            p.add_argument(flag, dest=f.name, action="store_false" if default else "store_true", help=text)
+            # None unless given, so a --recipe's setting stands where the flag was not used
+            p.add_argument(flag, dest=f.name, action="store_const", const=not default, default=None, help=text)
             continue
         hint = hints[f.name]
         text = HELP[f.name]
@@ -105,7 +109,12 @@ def configs_from_args(args, default_device_name: str | None = None, *, device_ch
     from qlora.preflight import preflight
 
     given = {f.name: getattr(args, f.name) for f in fields(RunConfig) if getattr(args, f.name, None) is not None}
-    methods = list(METHODS) if given.get("method") == "all" else [given.get("method", RunConfig.method)]
+    recipe = getattr(args, "recipe", None)
+    if recipe is not None:  # a recipe is for some methods: `all`, or no --method, means those
+        recipes.get(recipe)
+        methods = None if given.get("method") in (None, "all") else [given["method"]]
+    else:
+        methods = list(METHODS) if given.get("method") == "all" else [given.get("method", RunConfig.method)]
     if "lora_targets" in given:
         given["lora_targets"] = tuple(t.strip() for t in given["lora_targets"].split(",") if t.strip())
     if "seq_len" not in given:  # the default, within what the model can take (tiny-llama has 256 positions)
@@ -113,8 +122,12 @@ def configs_from_args(args, default_device_name: str | None = None, *, device_ch
                         "max_position_embeddings", None)
         given["seq_len"] = min(RunConfig.seq_len, limit or RunConfig.seq_len)
     given["device"] = given.get("device") or default_device_name or default_device()
-    base = RunConfig(**{**given, "method": methods[0]})
-    return [preflight(replace(base, method=m), device=device_check) for m in methods]
+    given.pop("method", None)
+    if recipe is not None:
+        configs = [RunConfig(**d) for d in recipes.configure(recipe, given, methods)]
+    else:
+        configs = [RunConfig(**given, method=m) for m in methods]
+    return [preflight(c, device=device_check) for c in configs]
 
 
 def check_out_file(path: str | None) -> None:

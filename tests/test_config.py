@@ -12,7 +12,7 @@ from qlora.config import ConfigError, RunConfig
         ({"batch_size": 0}, "batch_size must be an integer > 0, got 0"),
         ({"seq_len": 2.5}, "seq_len must be an integer > 0, got 2.5"),
         ({"quant_type": "int4"}, "quant_type must be one of nf4, fp4; got 'int4'"),
-        ({"optimizer": "sgd"}, "optimizer must be one of adamw, adamw8bit, paged_adamw8bit; got 'sgd'"),
+        ({"optimizer": "sgd"}, "optimizer must be one of adamw, adamw8bit, paged_adamw8bit, paged_adamw32bit; got 'sgd'"),
         ({"precision": "fp8"}, "precision must be one of bf16, mixed, fp32; got 'fp8'"),
         ({"lora_dropout": 1.0}, "lora_dropout must be in [0, 1), got 1.0"),
         ({"device": "tpu"}, "device must be cpu, cuda or cuda:N, got 'tpu'"),

@@ -80,6 +80,7 @@ def make(config: dict, *, source: str, status: str, bytes_: dict | None, device_
         "id": digest,
         "source": source,
         "config": config,
+        "recipe": _recipe(config),  # the recipe (bench/recipes.toml) the config is, if any
         "status": status,
         "error": error,
         "bytes": bytes_,
@@ -91,6 +92,15 @@ def make(config: dict, *, source: str, status: str, bytes_: dict | None, device_
         "env": env,
         "created": created,
     }
+
+
+def _recipe(config: dict) -> str | None:
+    from bench import recipes
+
+    try:
+        return recipes.match(config)
+    except ConfigError:  # a config this version cannot read is no recipe of its
+        return None
 
 
 def append(path: str | Path, record: dict) -> None:

@@ -5,6 +5,8 @@
     method = ["full", "lora", "qlora"]
     seq_len = [512, 2048]
     oom_fallback_layers = 2     # optional: a full-depth run that is oom is measured again at 2 layers, extrapolated
+    recipe = ["seed", "peft-qlora"]  # optional: named settings (bench/recipes.toml), crossed with the methods
+                                     # each is for; the group's other keys override a recipe's settings
 
     [[estimate]]                # optional: analytical estimates the report sets beside the runs (no run)
     model = ["llama-2-7b"]
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import tomllib
 
+from bench import recipes
 from qlora.config import ConfigError, RunConfig
 
 PLANS_DIR = Path(__file__).resolve().parents[1] / "plans"  # the committed plans: bench/plans/
@@ -63,10 +66,21 @@ def _matrix(path: Path, table: str, i: int, group: dict, device: str) -> list[Ru
             raise ConfigError(f"{where} key {k!r} must be a non-empty list")
     configs = []
     for values in itertools.product(*(group[k] for k in keys)):
+        setting = {"device": device, **dict(zip(keys, values, strict=True))}
+        recipe = setting.pop("recipe", None)
         try:
-            configs.append(RunConfig.from_dict({"device": device, **dict(zip(keys, values, strict=True))}))
+            if recipe is None:
+                configs.append(RunConfig.from_dict(setting))
+                continue
+            method = setting.pop("method", None)
+            if method is not None and method not in recipes.get(recipe).methods:
+                continue  # a recipe is for some methods: the matrix crosses only those
+            configs += [RunConfig.from_dict(d)
+                        for d in recipes.configure(recipe, setting, None if method is None else [method])]
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from None
+    if not configs:
+        raise ConfigError(f"{where}: no run: none of its methods is one its recipes are for")
     return configs
 
 
