@@ -161,3 +161,25 @@ def test_claims_and_tables_are_rendered_from_the_records_alone(tmp_path):
     readme = (tmp_path / "README.md").read_text()
     assert "from 4 result records (0 measured, 1 extrapolated, 3 estimated)" in readme
     assert "2 estimate records made for this report" in readme
+
+
+def test_the_activations_claim_reads_the_start_of_backward_not_the_peak(tmp_path):
+    """Full FT peaks in the optimizer step, where its activations are freed and foreach AdamW's scratch takes
+    their place: the "~8 GB activations" verdict must read `activations` as backward starts, never the peak's
+    activations + other (which once said 13.48 GB, refuted, from a record whose activations were 0)."""
+    from bench.render import report
+
+    full, lora, qlora = estimate("full", 70.0), estimate("lora", 18.0), estimate("qlora", 8.0)
+    full["peak_at"] = {"phase": "optimizer"}
+    full["bytes"].update(activations=0, other=13_480_000_000)
+    full["bytes"]["peak"] = sum(full["bytes"][c] for c in CATEGORIES)
+    full["backward_start"] = {**{c: 0 for c in CATEGORIES}, "activations": 3_250_000_000, "total": 3_250_000_000}
+    run = record.make(RunConfig(model="llama-2-7b", method="full", seq_len=256, layers=2).to_dict(),
+                      source="extrapolated", status="ok", bytes_=dict(full["bytes"]), peak_at={"phase": "optimizer"},
+                      backward_start={**full["backward_start"], "activations": 1_600_000_000})
+    report.build([full, lora, qlora, run], tmp_path, ["hand-made"])
+    claims = {c["id"]: c for c in json.loads((tmp_path / "claims.json").read_text())}
+    row = claims["full-7b-activations"]
+    assert row["ours"] == "3.25 GB" and row["verdict"] == "refuted (off by -59.4%)"
+    assert row["records"][0] == full["id"] and run["id"] in row["records"]
+    assert "1.60 GB as backward starts" in row["also"]  # the extrapolated run, beside the estimate

@@ -82,6 +82,9 @@ def measure_once(cfg: RunConfig, budget: int | None = None) -> dict:
         "peak_at": ledger.peak_at,
         "timeline": ledger.timeline(),
         "first_step": {"peak": first.peak, "peak_at": first.peak_at, "bytes": first.categories()},
+        # what the batch keeps for backward, as backward starts (the moment an "activations" claim is about; the
+        # step's peak may fall elsewhere, e.g. in the optimizer step)
+        "backward_start": ledger.categories_at("backward"),
         "device_figures": figures,
         "rss_anon_baseline": baseline,
         # RSS as the measured step starts, and the ledger's live bytes then: their difference is what the process
@@ -116,8 +119,11 @@ def extrapolate(near: dict, far: dict, depth: int) -> dict:
     # Timings are noisy where memory is not: a slope at or below zero says the noise swamped one layer's time.
     seconds = far["step_seconds"] + per_layer * (depth - n1) if per_layer > 0 else None
     first = extrapolate_bytes(near["first_step"]["bytes"], far["first_step"]["bytes"], n0, n1, depth)
+    backward = extrapolate_bytes(near["backward_start"], far["backward_start"], n0, n1, depth)
+    backward["total"] = backward.pop("peak")
     return {
         "bytes": extrapolate_bytes(near["bytes"], far["bytes"], n0, n1, depth),
+        "backward_start": backward,
         "first_step": {"peak": first["peak"], "peak_at": far["first_step"]["peak_at"], "bytes": first},
         "step_seconds": seconds,
         "tokens_per_second": None if seconds is None else far["tokens_per_second"] * far["step_seconds"] / seconds,
@@ -159,7 +165,8 @@ def measure(cfg: RunConfig, run=in_this_process, budget: int | None = None) -> d
     try:
         if not extrapolating:
             raw = measure_at(cfg)
-            fields = {k: raw[k] for k in ("bytes", "first_step", "step_seconds", "tokens_per_second")}
+            fields = {k: raw[k] for k in ("bytes", "first_step", "backward_start", "step_seconds",
+                                          "tokens_per_second")}
             figures = raw["device_figures"]
             extra = {k: raw[k] for k in ("rss_anon_baseline", "rss_anon_step_start", "ledger_step_start",
                                          "optimizer_paged_bytes", "train_losses")}
@@ -188,10 +195,12 @@ def measure(cfg: RunConfig, run=in_this_process, budget: int | None = None) -> d
         step_seconds=fields["step_seconds"], tokens_per_second=fields["tokens_per_second"], env=env,
         layers=full_depth, budget_bytes=budget, trainable_parameters=raw["trainable_parameters"],
         optimizer_impl=raw["optimizer_impl"], peak_at=raw["peak_at"],
-        first_step=fields["first_step"], timeline=raw["timeline"], **extra,
+        first_step=fields["first_step"], backward_start=fields["backward_start"], timeline=raw["timeline"],
+        **extra,
     )
 
 
 def _depth_summary(raw: dict) -> dict:
     return {"layers": raw["layers"], "bytes": raw["bytes"], "peak_at": raw["peak_at"],
+            "backward_start": raw["backward_start"],
             "step_seconds": raw["step_seconds"], "train_losses": raw["train_losses"], **raw["device_figures"]}

@@ -311,9 +311,13 @@ def estimate_bytes(cfg: RunConfig, arch: Arch | None = None, device_type: str | 
         m["peak"] = sum(m[c] for c in CATEGORIES)
     phase = max(moments, key=lambda k: moments[k]["peak"])  # the first listed wins a tie
     out = moments[phase]
+    # As backward starts (the ledger's categories_at("backward")): everything saved for backward is live, the loss
+    # backward's temporaries are not yet.
+    start = {**base, "gradients": 0, "activations": act["total"], "other": 0}
     return {"bytes": {c: out[c] for c in (*CATEGORIES, "peak")},
             "phase": "optimizer" if phase == "optimizer" else "backward",
-            "moments": {k: v["peak"] for k, v in moments.items()}}
+            "moments": {k: v["peak"] for k, v in moments.items()},
+            "backward_start": {**{c: start[c] for c in CATEGORIES}, "total": sum(start[c] for c in CATEGORIES)}}
 
 
 def largest_fitting(cfg: RunConfig, arch: Arch, field: str, capacity_ok, upper: int) -> int | None:

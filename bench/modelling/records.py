@@ -35,8 +35,8 @@ def estimate_record(cfg: RunConfig, *, cards: tuple[str, ...] = CARDS, **extra) 
     impl = adamw_impl(cfg, device_type) if cfg.optimizer == "adamw" else "bitsandbytes"
     return record.make(cfg.to_dict(), source="estimated", status="ok", bytes_=est["bytes"],
                        env=record.environment("cpu"), layers=arch.layers, peak_at={"phase": est["phase"]},
-                       moments=est["moments"], cards={g: gpus.on_card(gpus.CATALOG[g], peak) for g in cards},
-                       optimizer_impl=impl, **extra)
+                       moments=est["moments"], backward_start=est["backward_start"],
+                       cards={g: gpus.on_card(gpus.CATALOG[g], peak) for g in cards}, optimizer_impl=impl, **extra)
 
 
 def fit_on(gpu: gpus.GPU, cfg: RunConfig, peak_bytes: int, *, limits: bool = False,
@@ -108,7 +108,10 @@ def _key(config: dict, card: str | None) -> str:
 def derived(records: list[dict], previous: list[dict] = (), log=lambda line: None) -> list[dict]:
     """The estimates `wanted` for `records` that they do not hold, each once: an earlier derived record with the same
     figures (from `previous`) is reused as it is; configurations the estimator cannot take are left out."""
-    have = {_key(r["config"], None) for r in records if r["source"] == "estimated" and not r.get("fit")}
+    # An estimate record written before `backward_start` existed is made again beside it (Estimates prefers the
+    # newer one), so every claim can read the moment it is about.
+    have = {_key(r["config"], None) for r in records
+            if r["source"] == "estimated" and not r.get("fit") and "backward_start" in r}
     have |= {_key(fit_base(r), r["fit"]["gpu"]) for r in records if r.get("fit")}
     old = {}
     for r in previous:
@@ -137,5 +140,5 @@ def fit_base(r: dict) -> dict:
 def _same(a: dict, b: dict) -> bool:
     """The same estimate: the same setting (configs compared with defaults filled in, so a record written before a
     config field existed still matches) and the same figures."""
-    fields = ("bytes", "peak_at", "cards", "fit", "purpose")
+    fields = ("bytes", "peak_at", "cards", "fit", "purpose", "backward_start")
     return run_key(a["config"]) == run_key(b["config"]) and all(a.get(f) == b.get(f) for f in fields)

@@ -93,11 +93,7 @@ def memory_claims(records: list[dict]) -> list[dict]:
     add("full-7b-gradients", "of which 14 GB gradients", "full", 14, full["gradients"], "bf16 gradients")
     add("full-7b-optimizer", "of which 28 GB optimizer state", "full", 28, full["optimizer"],
         "AdamW's two moments in bf16 (4 bytes a parameter); fp32 moments would be twice that")
-    act = full["activations"] + full["other"]
-    add("full-7b-activations", "of which ~8 GB activations", "full", 8, act,
-        f"at the peak (the optimizer step) the activations are already freed; what takes their place is "
-        f"foreach AdamW's temporaries ({full['other'] / GB:.1f} GB, counted as 'other'). Activations at the start "
-        f"of backward depend on batch x sequence (see the peak-vs-sequence chart)")
+    rows += activation_claims(est["full"], runs["full"], estimates)
     lc = est["lora"]["config"]
     add("lora-7b-total", "7B LoRA needs ~18 GB", "lora", 18, lora["peak"],
         f"bf16 base, r={lc['lora_r']} on all seven projections, sequence {lc['seq_len']}; it grows with sequence "
@@ -138,6 +134,31 @@ def memory_claims(records: list[dict]) -> list[dict]:
     if all("cards" in r for r in est.values()):
         rows += gpu_claims(est, estimates)
     return rows
+
+
+def activation_claims(full: dict, run: dict | None, estimates: Estimates) -> list[dict]:
+    """"~8 GB activations" is about what a batch keeps for backward: judged on `activations` as backward starts
+    (`backward_start`), never at the step's peak, where Full FT's activations are already freed."""
+    r = estimates.of(full["config"])
+    if r is None or "backward_start" not in r:
+        return []
+    ours = r["backward_start"]["activations"]
+    v, err = verdict(8, ours / GB)
+    longer = estimates.of(full["config"], seq_len=2048)
+    at_2048 = ("" if longer is None or "backward_start" not in longer else
+               f"; at batch 1 x seq 2048 {longer['backward_start']['activations'] / GB:.1f} GB (record {longer['id']})")
+    also, ids = None, [r["id"]] + ([longer["id"]] if at_2048 else [])
+    if run is not None and "backward_start" in run:
+        c = run["config"]
+        also = (f"{run['source']} on {device_name(run)} at batch {c['batch_size']} x seq {c['seq_len']}: "
+                f"{run['backward_start']['activations'] / GB:.2f} GB as backward starts (record {run['id']})")
+        ids.append(run["id"])
+    return [{"id": "full-7b-activations", "claim": "of which ~8 GB activations",
+             "setting": setting(r["config"], "estimated, CUDA; as backward starts"), "claimed": "8 GB",
+             "ours": f"{ours / GB:.2f} GB", "error": round(err, 4), "source": "estimated", "records": ids,
+             "also": also, "verdict": v,
+             "true_when": f"activations grow with batch x sequence (they are freed before the optimizer step, "
+                          f"where Full FT peaks){at_2048}"}]
 
 
 def gpu_claims(est: dict, estimates: Estimates) -> list[dict]:

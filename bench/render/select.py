@@ -19,8 +19,10 @@ class Estimates:
                 c = r["config"]
                 self.fits[(c["model"], c["batch_size"], c["precision"], c["method"], c["grad_checkpointing"],
                            fit["base_seq_len"], fit["gpu"])] = fit["largest"]
-            else:
-                self.by_key.setdefault(run_key(r["config"]), r)
+            else:  # the first of a setting, unless a later one holds `backward_start` and it does not (older)
+                key = run_key(r["config"])
+                if key not in self.by_key or ("backward_start" in r and "backward_start" not in self.by_key[key]):
+                    self.by_key[key] = r
 
     def of(self, config: dict, **changes) -> dict | None:
         """The estimate record of `config` with `changes` applied (None when there is none)."""
