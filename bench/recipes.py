@@ -85,9 +85,10 @@ def markdown() -> str:
     for r in load().values():
         out += [f"**`{r.name}`** ({', '.join(r.methods)}): {r.about}", "", "| setting | value | why |",
                 "|---|---|---|"]
-        for k, v in r.settings.items():
+        for k in dict.fromkeys([*r.settings, *r.on_cpu]):
+            v = r.settings.get(k)
+            shown = "(unset)" if k not in r.settings else f"`{str(v).lower() if isinstance(v, bool) else v}`"
             cpu = f" (on CPU: `{r.on_cpu[k]}`)" if k in r.on_cpu else ""
-            shown = str(v).lower() if isinstance(v, bool) else v
-            out.append(f"| `{k}` | `{shown}`{cpu} | {r.why.get(k, '')} |")
+            out.append(f"| `{k}` | {shown}{cpu} | {r.why.get(k, '')} |")
         out.append("")
     return "\n".join(out)

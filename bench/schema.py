@@ -42,10 +42,19 @@ def run_key(config: dict, **context) -> str:
 
 
 def label(config: dict) -> str:
-    """A run's short name: `llama-2-7b qlora 1x512 ckpt at 2 layers`."""
+    """A run's short name: `llama-2-7b qlora 1x512 ckpt at 2 layers [peft-qlora]`: the recipe its config is (if
+    any) in brackets, and a chosen AdamW implementation."""
+    from bench.recipes import match
+
     ckpt = " ckpt" if config.get("grad_checkpointing") else ""
     depth = f" at {config['layers']} layers" if config.get("layers") is not None else ""
-    return f"{config['model']} {config['method']} {config['batch_size']}x{config['seq_len']}{ckpt}{depth}"
+    impl = f" {config['adamw_impl']} adamw" if config.get("adamw_impl", "default") != "default" else ""
+    try:
+        recipe = match(config)
+    except ValueError:  # a config this version cannot read: no recipe of its
+        recipe = None
+    tag = f" [{recipe}]" if recipe else ""
+    return f"{config['model']} {config['method']} {config['batch_size']}x{config['seq_len']}{ckpt}{depth}{impl}{tag}"
 
 
 def device_name(r: dict) -> str:
