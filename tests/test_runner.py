@@ -84,6 +84,32 @@ def test_the_run_dies_with_its_caller_however_the_caller_ends(tmp_path):
         time.sleep(0.1)
 
 
+def test_a_sweep_sent_sigterm_stops_and_records_no_error(tmp_path):
+    """SIGTERM (a cancelled CI job) stops the sweep like Ctrl-C: the run it interrupted is not a result (it once
+    became an `error` record, "SystemExit: 143", and the sweep went on to the next run)."""
+    plan = tmp_path / "plan.toml"
+    plan.write_text('[[group]]\nmodel = ["tiny-llama"]\nmethod = ["lora", "qlora"]\nseq_len = [32]\n'
+                    'steps = [100000]\n')
+    out = tmp_path / "out"
+    sweep = subprocess.Popen([sys.executable, "-m", "bench.cli", "sweep", str(plan), "--out", str(out)], cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not _children_running("bench.measuring.runner:_apply", sweep.pid):
+            assert sweep.poll() is None and time.monotonic() < deadline, "the run never started"
+            time.sleep(0.1)
+        sweep.send_signal(signal.SIGTERM)
+        _, err = sweep.communicate(timeout=60)
+    finally:  # whatever failed above, no sweep outlives the test
+        if sweep.poll() is None:
+            sweep.kill()
+            sweep.wait()
+    assert sweep.returncode == 128 + signal.SIGTERM, err
+    results = out / "results.jsonl"
+    assert not results.exists() or read(results) == []
+    assert "error" not in err
+
+
 def _state(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]

@@ -179,8 +179,8 @@ def measure(cfg: RunConfig, run=in_this_process, budget: int | None = None) -> d
             if near["peak_at"]["phase"] != raw["peak_at"]["phase"]:
                 extra["warning"] = (f"the peak falls in {near['peak_at']['phase']} at {near['layers']} layers but in "
                                     f"{raw['peak_at']['phase']} at {raw['layers']}: the extrapolation is approximate")
-    except (ConfigError, KeyboardInterrupt):
-        raise
+    except (ConfigError, KeyboardInterrupt, SystemExit):  # bad input, Ctrl-C, SIGTERM/SIGHUP (cli._terminated):
+        raise  # the caller stops; none of them is the run's result
     except BaseException as e:  # an out-of-memory run is a result; any other failure is recorded with its message
         status = "oom" if is_oom(e) else "error"
         if isinstance(e, RunFailed):  # it happened in the run's own process: the runner has classified it
