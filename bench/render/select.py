@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from bench import recipes
 from bench.schema import METHODS, device_name, run_key
 
 
@@ -89,3 +90,13 @@ def quality_sets(records: list[dict]) -> dict[tuple, list[dict]]:
         if q and q.get("relative"):
             out.setdefault((q["task"], q["heldout_digest"], len(q["seeds"])), []).append(r)
     return out
+
+
+def recipe_text(config: dict) -> str:
+    """The recipe a config is (bench/recipes.toml), "custom" if none, with a chosen AdamW implementation."""
+    try:
+        name = recipes.match(config) or "custom"
+    except ValueError:  # a config this version cannot read
+        name = "custom"
+    impl = config.get("adamw_impl", "default")
+    return name if impl == "default" else f"{name}, {impl} AdamW"

@@ -5,7 +5,7 @@ only (the estimates beside the runs are estimate records: bench.modelling.record
 from __future__ import annotations
 
 from bench.render import quality
-from bench.render.select import Estimates
+from bench.render.select import Estimates, recipe_text
 from bench.schema import CATEGORIES, STATUSES, GiB
 
 SUMMARY_GPUS = ("rtx4090", "a100-40gb", "a100-80gb")  # the cards the folk answers are about
@@ -46,22 +46,23 @@ def markdown(plan_name: str, runs: list[dict], estimates: list[dict], scored: li
               "at each run's peak (live tensors, from the ledger); *measured* at full depth, *extrapolated* to full "
               "depth from two reduced depths, *estimated* by the analytical model with no run.", ""]
     lines += ["## Runs", "",
-              "| model | method | batch x seq | ckpt | source | status | peak | " + " | ".join(CATEGORIES)
+              "| model | method | recipe | batch x seq | ckpt | source | status | peak | " + " | ".join(CATEGORIES)
               + " | peak in | estimate (Δ) | step s | tokens/s |",
-              "|---|---|---|---|---|---|---|" + "---|" * len(CATEGORIES) + "---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|" + "---|" * len(CATEGORIES) + "---|---|---|---|"]
     for r in runs:
         lines.append(_run_row(r, beside))
     if estimates:
         lines += ["", "## Estimates (no run)", "",
                   "Headroom: card total less the estimated peak, 5% allocator reserve and 0.5 GiB CUDA context "
                   "(negative: does not fit).", "",
-                  "| model | method | batch x seq | ckpt | peak | " + " | ".join(CATEGORIES) + " | peak in | "
+                  "| model | method | recipe | batch x seq | ckpt | peak | " + " | ".join(CATEGORIES) + " | peak in | "
                   + " | ".join(f"{g} headroom" for g in SUMMARY_GPUS) + " |",
-                  "|---|---|---|---|---|" + "---|" * len(CATEGORIES) + "---|" + "---|" * len(SUMMARY_GPUS)]
+                  "|---|---|---|---|---|---|" + "---|" * len(CATEGORIES) + "---|" + "---|" * len(SUMMARY_GPUS)]
         for e in estimates:
             c, b = e["config"], e["bytes"]
             room = " | ".join(f"{e['cards'][g]['headroom_bytes'] / GiB:+.2f}" for g in SUMMARY_GPUS)
-            lines.append(f"| {c['model']} | {c['method']} | {_shape(c)} | {'on' if c['grad_checkpointing'] else 'off'}"
+            lines.append(f"| {c['model']} | {c['method']} | {recipe_text(c)} | {_shape(c)} | "
+                         f"{'on' if c['grad_checkpointing'] else 'off'}"
                          f" | {gib_text(b['peak'])} | " + " | ".join(gib_text(b[k]) for k in CATEGORIES)
                          + f" | {e['peak_at']['phase']} | {room} |")
     if skipped:
@@ -75,7 +76,8 @@ def markdown(plan_name: str, runs: list[dict], estimates: list[dict], scored: li
 
 def _run_row(r: dict, beside: Estimates) -> str:
     c = r["config"]
-    head = f"| {c['model']} | {c['method']} | {_shape(c)} | {'on' if c['grad_checkpointing'] else 'off'} | "
+    head = (f"| {c['model']} | {c['method']} | {recipe_text(c)} | {_shape(c)} | "
+            f"{'on' if c['grad_checkpointing'] else 'off'} | ")
     head += f"{_source(r)} | {r['status']} | "
     if r["status"] != "ok":
         reached = f"over {gib_text(r['oom_bytes'])}" if r.get("oom_bytes") else "—"

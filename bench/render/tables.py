@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pandas as pd
 
-from bench.render.select import Estimates
+from bench.render.select import Estimates, recipe_text
 from bench.schema import CATEGORIES, DEVICE_FIGURES, GiB, device_name
 
-COLUMNS = ["id", "model", "method", "batch_size", "seq_len", "grad_checkpointing", "precision", "optimizer",
-           "double_quant", "lora_r", "device", "source", "status", "peak_gib",
+COLUMNS = ["id", "model", "method", "recipe", "adamw_impl", "batch_size", "seq_len", "grad_checkpointing",
+           "precision", "optimizer", "double_quant", "lora_r", "device", "source", "status", "peak_gib",
            *[f"{c}_gib" for c in CATEGORIES], *[f"{c}_share" for c in CATEGORIES], "peak_phase",
            *[f"{k}_gib" for k in DEVICE_FIGURES],
            "estimated_peak_gib", "estimate_error", "step_seconds", "tokens_per_second",
@@ -30,7 +30,9 @@ def rows(records: list[dict], estimates: Estimates | None = None) -> list[dict]:
         est = estimates.beside(r) if r["source"] != "estimated" and b else None
         device = device_name(r) or ""
         rel = q.get("relative") or {}
-        row = {"id": r["id"], "model": c["model"], "method": c["method"], "batch_size": c["batch_size"],
+        row = {"id": r["id"], "model": c["model"], "method": c["method"],
+               "recipe": recipe_text(c).split(",")[0], "adamw_impl": c.get("adamw_impl", "default"),
+               "batch_size": c["batch_size"],
                "seq_len": c["seq_len"], "grad_checkpointing": c.get("grad_checkpointing"),
                "precision": c.get("precision"), "optimizer": c.get("optimizer"),
                "double_quant": c.get("double_quant") if c["method"] == "qlora" else "",
@@ -66,6 +68,8 @@ def to_markdown(table: list[dict]) -> str:
     for t in table:
         run = f"{t['model']} {t['method']} {t['batch_size']}x{t['seq_len']}" + (" ckpt" if t["grad_checkpointing"]
                                                                                  else "")
+        impl = "" if t["adamw_impl"] == "default" else f", {t['adamw_impl']} AdamW"
+        run += f" [{t['recipe']}{impl}]"
         cats = [f"{t[f'{k}_gib']} ({float(t[f'{k}_share']):.0%})" if t[f"{k}_share"] else t[f"{k}_gib"]
                 for k in CATEGORIES]
         dev = next((f"{t[k + '_gib']} {k.replace('_', ' ')}" for k in ("cuda_max_allocated", "rss_anon_peak")
