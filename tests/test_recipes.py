@@ -23,8 +23,8 @@ def test_every_recipe_is_a_valid_config_for_each_of_its_methods_and_recognised(n
 
 def test_the_peft_recipes_are_what_peft_and_bitsandbytes_run():
     q = recipes.get("peft-qlora").settings_for("cuda")
-    assert q == {"quant_type": "nf4", "double_quant": True, "compute_dtype": "bf16", "kbit_prepare": True,
-                 "grad_checkpointing": True, "adapter_dtype": "fp32", "precision": "bf16",
+    assert q == {"lora_dropout": 0.05, "quant_type": "nf4", "double_quant": True, "compute_dtype": "bf16",
+                 "kbit_prepare": True, "grad_checkpointing": True, "adapter_dtype": "fp32", "precision": "bf16",
                  "optimizer": "paged_adamw32bit"}
     assert recipes.get("peft-qlora").settings_for("cpu")["optimizer"] == "adamw"  # no paging without CUDA
     assert recipes.get("peft-lora").methods == ("lora",) and recipes.get("peft-qlora").methods == ("qlora",)

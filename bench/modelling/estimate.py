@@ -11,8 +11,8 @@ Sources, cited where used:
   when the weight is trained, SDPA (flash/efficient kernels) q, k, v, the output and a fp32 logsumexp per head.
 - [hf] transformers 5 Llama-family blocks (Llama, Mistral, Qwen2): RMSNorm upcasts to fp32; the loss upcasts logits
   to fp32 and saves log-softmax; rotary cos/sin are computed once per forward.
-- [peft] LoRA: dropout saves its mask (in the activation dtype on this stack) and lora_A its (dropped-out) input,
-  lora_B the rank-r intermediate.
+- [peft] LoRA: dropout saves its mask (in the input's dtype on CPU, a bool mask on CUDA, where torch fuses
+  dropout into native_dropout) and lora_A its (dropped-out) input, lora_B the rank-r intermediate.
 - [ledger] this project's measurement (bench/ledger.py) of what is live at the peak; used to check every term
   (reports/estimate-validation).
 """
@@ -220,7 +220,10 @@ def layer_activations(cfg: RunConfig, arch: Arch, tokens: int, first: bool) -> d
             src = LINEAR_INPUT.get(leaf, leaf)
             half[side] += ad * T * cfg.lora_r  # lora_B's input
             if cfg.lora_dropout > 0:
-                mask = 0 if (first and src == "attention_norm") else ad * T * fan_in
+                # [torch] on CUDA dropout is one fused kernel (native_dropout) that saves a bool mask; elsewhere it
+                # is bernoulli_ * input, which saves the mask in the input's dtype (what the CPU ledger measures)
+                mask_bytes = 1 if cfg.device.startswith("cuda") else ad
+                mask = 0 if (first and src == "attention_norm") else mask_bytes * T * fan_in
                 half[side] += mask + ad * T * fan_in  # dropout mask and lora_A's input (the dropped-out copy)
             elif ad != a:  # [peft] each adapter casts its input to its own dtype: one saved copy per adapter
                 half[side] += ad * T * fan_in
