@@ -70,8 +70,12 @@ def configure(name: str, given: dict, methods: list[str] | None) -> list[dict]:
 
 def match(config: dict) -> str | None:
     """The recipe whose every setting (for the config's device) the config has, for a method it is for; None if
-    none does. Configs written before a field existed read as its default (RunConfig.from_dict)."""
-    cfg = RunConfig.from_dict(config).to_dict()
+    none does, or if this version cannot read the config. Configs written before a field existed read as its
+    default (RunConfig.from_dict)."""
+    try:
+        cfg = RunConfig.from_dict(config).to_dict()
+    except ConfigError:  # a config this version cannot read is no recipe of its
+        return None
     for recipe in load().values():
         if cfg["method"] in recipe.methods and all(
                 cfg[k] == v for k, v in recipe.settings_for(cfg["device"]).items()):

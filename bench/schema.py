@@ -46,13 +46,10 @@ def label(config: dict) -> str:
     any) in brackets, and a chosen AdamW implementation."""
     from bench.recipes import match
 
+    recipe = match(config)
     ckpt = " ckpt" if config.get("grad_checkpointing") else ""
     depth = f" at {config['layers']} layers" if config.get("layers") is not None else ""
     impl = f" {config['adamw_impl']} adamw" if config.get("adamw_impl", "default") != "default" else ""
-    try:
-        recipe = match(config)
-    except ValueError:  # a config this version cannot read: no recipe of its
-        recipe = None
     tag = f" [{recipe}]" if recipe else ""
     return f"{config['model']} {config['method']} {config['batch_size']}x{config['seq_len']}{ckpt}{depth}{impl}{tag}"
 

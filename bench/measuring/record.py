@@ -12,6 +12,7 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
+from bench import recipes
 from bench.schema import DEVICE_FIGURES, METHODS, REQUIRED, SCHEMA, SOURCES, STATUSES
 from qlora.config import ConfigError
 
@@ -80,7 +81,7 @@ def make(config: dict, *, source: str, status: str, bytes_: dict | None, device_
         "id": digest,
         "source": source,
         "config": config,
-        "recipe": _recipe(config),  # the recipe (bench/recipes.toml) the config is, if any
+        "recipe": recipes.match(config),  # the recipe (bench/recipes.toml) the config is, if any
         "status": status,
         "error": error,
         "bytes": bytes_,
@@ -92,15 +93,6 @@ def make(config: dict, *, source: str, status: str, bytes_: dict | None, device_
         "env": env,
         "created": created,
     }
-
-
-def _recipe(config: dict) -> str | None:
-    from bench import recipes
-
-    try:
-        return recipes.match(config)
-    except ConfigError:  # a config this version cannot read is no recipe of its
-        return None
 
 
 def append(path: str | Path, record: dict) -> None:

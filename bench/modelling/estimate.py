@@ -114,10 +114,6 @@ class Static:
     def trainable_bytes(self) -> int:
         return sum(self.trainable) * self.element_bytes
 
-    @property
-    def largest_bytes(self) -> int:
-        return max(self.trainable) * self.element_bytes
-
     def moment_bytes(self, cfg: RunConfig) -> int:
         """Bytes per element of an AdamW moment: fp32 under mixed precision (the masters'), else the trainable
         tensors' own dtype (torch keeps moments in the parameter's dtype)."""

@@ -92,11 +92,12 @@ def quality_sets(records: list[dict]) -> dict[tuple, list[dict]]:
     return out
 
 
+def recipe_name(config: dict) -> str:
+    """The recipe a config is (bench/recipes.toml), or "custom"."""
+    return recipes.match(config) or "custom"
+
+
 def recipe_text(config: dict) -> str:
-    """The recipe a config is (bench/recipes.toml), "custom" if none, with a chosen AdamW implementation."""
-    try:
-        name = recipes.match(config) or "custom"
-    except ValueError:  # a config this version cannot read
-        name = "custom"
+    """recipe_name, with a chosen AdamW implementation."""
     impl = config.get("adamw_impl", "default")
-    return name if impl == "default" else f"{name}, {impl} AdamW"
+    return recipe_name(config) if impl == "default" else f"{recipe_name(config)}, {impl} AdamW"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from bench.render.select import Estimates, recipe_text
+from bench.render.select import Estimates, recipe_name
 from bench.schema import CATEGORIES, DEVICE_FIGURES, GiB, device_name
 
 COLUMNS = ["id", "model", "method", "recipe", "adamw_impl", "batch_size", "seq_len", "grad_checkpointing",
@@ -31,7 +31,7 @@ def rows(records: list[dict], estimates: Estimates | None = None) -> list[dict]:
         device = device_name(r) or ""
         rel = q.get("relative") or {}
         row = {"id": r["id"], "model": c["model"], "method": c["method"],
-               "recipe": recipe_text(c).split(",")[0], "adamw_impl": c.get("adamw_impl", "default"),
+               "recipe": recipe_name(c), "adamw_impl": c.get("adamw_impl", "default"),
                "batch_size": c["batch_size"],
                "seq_len": c["seq_len"], "grad_checkpointing": c.get("grad_checkpointing"),
                "precision": c.get("precision"), "optimizer": c.get("optimizer"),
