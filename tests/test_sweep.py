@@ -184,7 +184,7 @@ def test_bench_runs_the_plan_estimates_and_writes_a_summary(tmp_path, capsys):
     assert "| measured | ok |" in row
     est = read(out / "estimates.jsonl")
     assert len(est) == 1 and est[0]["source"] == "estimated" and est[0]["cards"]["rtx4090"]["headroom_bytes"] > 0
-    assert "| llama-2-7b | qlora | seed | 1 x 512 | off | 7.64" in summary  # the recipe its config is
+    assert "| llama-2-7b | qlora | seed | 1 x 512 | off | 8.207 |" in summary  # GB, and the recipe its config is
     # Again: nothing to run. With --fresh: the old results are set aside, the run is measured again.
     assert main(["bench", "--plan", str(plan), "--out", str(out), "--device", "cpu"]) == 0
     assert "1 already recorded, 0 to run" in capsys.readouterr().err and len(read(out / "results.jsonl")) == 1

@@ -5,8 +5,9 @@ record and never call the estimator themselves.
   estimates (`estimate`, plans' [[estimate]] tables, `validate`) builds its records here.
 - `derived(records)`: the estimates a report sets beside a set of records and does not find among them: each run at
   full depth, the peak-against-sequence curves and the longest sequence that fits each card (for the first
-  estimate's setting), and the adapter and precision alternatives the claims quote. Earlier derived records with
-  the same figures are kept as they are (same id), so a report regenerated from the same records is identical.
+  estimate's setting), and each adapter estimate's longest sequence on an RTX 4090. The claims' variants (ranks,
+  targets, lengths) are a claims plan's [[estimate]] tables, not derived here. Earlier derived records with the same
+  figures are kept as they are (same id), so a report regenerated from the same records is identical.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import replace
 from bench.measuring import record
 from bench.modelling import gpus
 from bench.modelling.estimate import adamw_impl, arch_of, estimate_bytes, largest_fitting
-from bench.schema import METHODS, run_key
+from bench.schema import METHODS, fit_base, run_key
 from qlora.config import ConfigError, RunConfig
 
 CARDS = ("t4", "rtx4090", "a100-40gb", "a100-80gb", "h200")  # the cards reports and the claims show
@@ -91,13 +92,10 @@ def wanted(records: list[dict]) -> list[tuple[str, RunConfig, str | None]]:
                 cfg = replace(template, method=method, grad_checkpointing=ckpt)
                 out += [("curve", replace(cfg, seq_len=s), None) for s in CURVE_SEQ_LENS]
                 out += [("fit", cfg, card) for card in CARDS]
-    for r in estimates:  # the alternatives the claims quote beside an estimate
+    for r in estimates:  # the longest sequence of each adapter setting on a 24 GB card (the card claims quote it)
         cfg = _full_depth(r["config"])
-        if cfg.method == "full" and cfg.precision == "bf16":
-            out.append(("claim: mixed precision", replace(cfg, precision="mixed"), None))
-        if cfg.method == "lora":
-            out.append(("claim: adapter size", replace(cfg, lora_r=8), None))
-            out.append(("claim: adapter size", replace(cfg, lora_r=16, lora_targets=("q_proj", "v_proj")), None))
+        if cfg.method in ("lora", "qlora"):
+            out.append(("fit", cfg, "rtx4090"))
     return out
 
 
@@ -130,11 +128,6 @@ def derived(records: list[dict], previous: list[dict] = (), log=lambda line: Non
         before = old.get(k)
         out.append(before if before is not None and _same(before, new) else new)
     return out
-
-
-def fit_base(r: dict) -> dict:
-    """The setting an estimate stands for: its config, or for a fit record the config it was searched from."""
-    return {**r["config"], "seq_len": r["fit"]["base_seq_len"]} if r.get("fit") else r["config"]
 
 
 def _same(a: dict, b: dict) -> bool:

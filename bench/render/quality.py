@@ -3,7 +3,7 @@ with its 95% interval, and whether the intervals can separate a 2-point differen
 
 from __future__ import annotations
 
-from bench.schema import GiB
+from bench.render.fmt import gb_number
 
 
 def _interval(x: dict | None, fmt: str) -> str:
@@ -36,7 +36,7 @@ def markdown(records: list[dict]) -> str:
         if q0.get("caveat"):
             lines += [f"Caveat: {q0['caveat']}.", ""]
         head = "| model | lr | " + ("accuracy | " if acc else "") + "loss | perplexity | relative quality [95% CI] | " \
-               "difference [95% CI] | peak GiB | step s |"
+               "difference [95% CI] | peak GB | step s |"
         lines += [head, "|---|---|" + ("---|" if acc else "") + "---|---|---|---|---|---|"]
         for name, label in (("base", "base (untrained)"), ("base_4bit", "4-bit base (untrained, NF4)")):
             b = q0.get(name)
@@ -46,7 +46,7 @@ def markdown(records: list[dict]) -> str:
                              f"{_interval(b['difference'], '+.2f' if acc else '+.4f')} | | |")
         for r in rs:
             q, c = r["quality"], r["config"]
-            peak = "—" if not r.get("bytes") else f"{r['bytes']['peak'] / GiB:.3f}"
+            peak = "—" if not r.get("bytes") else gb_number(r['bytes']['peak'])
             lines.append(f"| {c['method']} | {q['train']['lr']:g} | " + (f"{q['accuracy']:.3f} | " if acc else "") +
                          f"{q['loss']:.4f} | {q['perplexity']:.3f} | {_interval(q['relative'], '.3f')} | "
                          f"{_interval(q['difference'], '+.2f' if acc else '+.4f')} | {peak} | "

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from bench import recipes
-from bench.schema import METHODS, device_name, run_key
+from bench.schema import METHODS, device_name, fit_base, run_key
 
 
 class Estimates:
@@ -16,10 +16,8 @@ class Estimates:
             if r["source"] != "estimated" or r["status"] != "ok":
                 continue
             fit = r.get("fit")
-            if fit:
-                c = r["config"]
-                self.fits[(c["model"], c["batch_size"], c["precision"], c["method"], c["grad_checkpointing"],
-                           fit["base_seq_len"], fit["gpu"])] = fit["largest"]
+            if fit:  # by the whole setting searched from (recipe fields included), and the card
+                self.fits[(run_key(fit_base(r)), fit["gpu"])] = fit["largest"]
             else:  # the first of a setting, unless a later one holds `backward_start` and it does not (older)
                 key = run_key(r["config"])
                 if key not in self.by_key or ("backward_start" in r and "backward_start" not in self.by_key[key]):
@@ -50,8 +48,10 @@ class Estimates:
 
     @staticmethod
     def _fit_key(config: dict, card: str, changes: dict) -> tuple:
-        c = {**config, **changes}
-        return (c["model"], c["batch_size"], c["precision"], c["method"], c["grad_checkpointing"], c["seq_len"], card)
+        try:
+            return run_key({**config, **changes}), card
+        except ValueError:  # a config this version cannot read has no fit
+            return "", card
 
 
 def template(records: list[dict]) -> dict | None:

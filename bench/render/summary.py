@@ -5,14 +5,15 @@ only (the estimates beside the runs are estimate records: bench.modelling.record
 from __future__ import annotations
 
 from bench.render import quality
+from bench.render.fmt import gb_number
 from bench.render.select import Estimates, recipe_text
-from bench.schema import CATEGORIES, STATUSES, GiB
+from bench.schema import CATEGORIES, GB, STATUSES
 
 SUMMARY_GPUS = ("rtx4090", "a100-40gb", "a100-80gb")  # the cards the folk answers are about
 
 
-def gib_text(n) -> str:
-    return "—" if n is None else f"{n / GiB:.3f}"
+def gb_text(n) -> str:
+    return "—" if n is None else gb_number(n)
 
 
 def _shape(c: dict) -> str:
@@ -42,9 +43,9 @@ def markdown(plan_name: str, runs: list[dict], estimates: list[dict], scored: li
                   f"transformers {pk['transformers']}, peft {pk['peft']}, bitsandbytes {pk['bitsandbytes']}. "
                   f"Commit: {', '.join(commits)}.", ""]
     counts = {s: sum(r["status"] == s for r in runs) for s in STATUSES}
-    lines += [f"{len(runs)} runs: {counts['ok']} ok, {counts['oom']} oom, {counts['error']} error. Bytes in GiB "
-              "at each run's peak (live tensors, from the ledger); *measured* at full depth, *extrapolated* to full "
-              "depth from two reduced depths, *estimated* by the analytical model with no run.", ""]
+    lines += [f"{len(runs)} runs: {counts['ok']} ok, {counts['oom']} oom, {counts['error']} error. Bytes in GB "
+              "(10^9) at each run's peak (live tensors, from the ledger); *measured* at full depth, *extrapolated* to "
+              "full depth from two reduced depths, *estimated* by the analytical model with no run.", ""]
     lines += ["## Runs", "",
               "| model | method | recipe | batch x seq | ckpt | source | status | peak | " + " | ".join(CATEGORIES)
               + " | peak in | estimate (Δ) | step s | tokens/s |",
@@ -53,17 +54,17 @@ def markdown(plan_name: str, runs: list[dict], estimates: list[dict], scored: li
         lines.append(_run_row(r, beside))
     if estimates:
         lines += ["", "## Estimates (no run)", "",
-                  "Headroom: card total less the estimated peak, 5% allocator reserve and 0.5 GiB CUDA context "
-                  "(negative: does not fit).", "",
+                  "Headroom (GB): card total less the estimated peak, 5% allocator reserve and 0.5 GiB CUDA "
+                  "context, both assumed (negative: does not fit).", "",
                   "| model | method | recipe | batch x seq | ckpt | peak | " + " | ".join(CATEGORIES) + " | peak in | "
                   + " | ".join(f"{g} headroom" for g in SUMMARY_GPUS) + " |",
                   "|---|---|---|---|---|---|" + "---|" * len(CATEGORIES) + "---|" + "---|" * len(SUMMARY_GPUS)]
         for e in estimates:
             c, b = e["config"], e["bytes"]
-            room = " | ".join(f"{e['cards'][g]['headroom_bytes'] / GiB:+.2f}" for g in SUMMARY_GPUS)
+            room = " | ".join(f"{e['cards'][g]['headroom_bytes'] / GB:+.3f}" for g in SUMMARY_GPUS)
             lines.append(f"| {c['model']} | {c['method']} | {recipe_text(c)} | {_shape(c)} | "
                          f"{'on' if c['grad_checkpointing'] else 'off'}"
-                         f" | {gib_text(b['peak'])} | " + " | ".join(gib_text(b[k]) for k in CATEGORIES)
+                         f" | {gb_text(b['peak'])} | " + " | ".join(gb_text(b[k]) for k in CATEGORIES)
                          + f" | {e['peak_at']['phase']} | {room} |")
     if skipped:
         lines += ["", "## Skipped", "", *(f"- {line}" for line in skipped)]
@@ -80,15 +81,15 @@ def _run_row(r: dict, beside: Estimates) -> str:
             f"{'on' if c['grad_checkpointing'] else 'off'} | ")
     head += f"{_source(r)} | {r['status']} | "
     if r["status"] != "ok":
-        reached = f"over {gib_text(r['oom_bytes'])}" if r.get("oom_bytes") else "—"
-        budget = f" (budget {gib_text(r['budget_bytes'])})" if r.get("budget_bytes") else ""
+        reached = f"over {gb_text(r['oom_bytes'])}" if r.get("oom_bytes") else "—"
+        budget = f" (budget {gb_text(r['budget_bytes'])})" if r.get("budget_bytes") else ""
         message = (r["error"] or "").replace("|", "/")
         return head + f"{reached}{budget} | " + " | ".join("" for _ in CATEGORIES) + f" | {message} | | | |"
     b = r["bytes"]
     est = beside.beside(r)
-    versus = "—" if est is None else f"{gib_text(est)} ({est / b['peak'] - 1:+.1%})"
+    versus = "—" if est is None else f"{gb_text(est)} ({est / b['peak'] - 1:+.1%})"
     step = "—" if r["step_seconds"] is None else f"{r['step_seconds']:.3f}"
     tps = r["tokens_per_second"]
     tps = "—" if tps is None else f"{tps:,.0f}" if tps >= 100 else f"{tps:.2f}"
-    return (head + f"{gib_text(b['peak'])} | " + " | ".join(gib_text(b[k]) for k in CATEGORIES)
+    return (head + f"{gb_text(b['peak'])} | " + " | ".join(gb_text(b[k]) for k in CATEGORIES)
             + f" | {r['peak_at']['phase']} | {versus} | {step} | {tps} |")

@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from bench.running import reporting
 
-        reporting.make([str(out)], out / "report")
+        reporting.make(out)
     except ImportError as e:  # matplotlib missing on the device: the records are what matters
         log(f"report skipped: {e}")
     return 0 if rows and all(ok for _, ok, _ in rows) else 1

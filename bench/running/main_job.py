@@ -100,7 +100,7 @@ def run(plan_path: Path, out: Path, *, device: str, budget_gib: float | None = N
         scored += quality.run(q.configs, q.task, q.eval_examples, q.seeds, out / "quality", log=log)
     if scored:
         quality.save(out / "quality", scored)
-    _, derived, _ = reporting.make([str(out)], out / "report", log=log)
+    _, derived, _ = reporting.make(out, log=log)
     log(f"report (tables, charts, claims): {out / 'report'}/")
     text = summary.markdown(plan_path.name, latest(record.read(results)), estimates, scored, skipped, derived)
     record.write_atomic(out / "summary.md", text)

@@ -1,0 +1,125 @@
+"""The claims about cards, judged under each recipe: how many GPUs a 7B fine-tune needs, the longest sequence that
+fits an RTX 4090, and whether QLoRA buys more hyper-parameter search per card.
+
+A card's need is the CUDA estimate's (`cards` of an estimate record: peak tensor bytes plus the allocator reserve
+and CUDA context that bench.modelling.gpus assumes; no GPU has measured them yet), the run's measured peak beside
+it. "More trials" is judged on cost, not memory alone: trials per card (estimated) times each trial's throughput
+(tokens/s of the recipe's run, on the device it ran on).
+"""
+
+from __future__ import annotations
+
+from bench.modelling import gpus  # the card catalog (names, sizes, assumed context and reserve), not the estimator
+from bench.render import fmt
+from bench.render.matrix import FULL, LORA, QLORA, Case, Pool, source_label
+from bench.schema import GiB, device_name, fit_base, run_key
+
+GPU_CLAIMS = (("full", "Full FT of 7B needs 2x A100", ("a100-40gb", "a100-80gb"), 2, FULL),
+              ("lora", "LoRA of 7B needs 1x A100", ("a100-40gb", "a100-80gb"), 1, LORA),
+              ("qlora", "QLoRA of 7B fits 1x RTX 4090 (24 GB)", ("rtx4090",), 1, QLORA))
+TRIAL_CARDS = ("rtx4090", "a100-80gb")
+ASSUMED = (f"card needs are estimated: tensor peak + {gpus.ALLOCATOR_RESERVE:.0%} allocator reserve + "
+           f"{gpus.CUDA_CONTEXT_BYTES / GiB:.1f} GiB CUDA context, both assumed")
+
+
+def longest(pool: Pool, est: dict, card: str) -> tuple[str, str | None]:
+    """The longest sequence of an estimate's setting that fits `card`, from a fit record searched from it."""
+    key = run_key(est["config"])
+    for f in pool.fits:
+        if f["fit"]["gpu"] == card and run_key(fit_base(f)) == key:
+            n = f["fit"]["largest"]
+            cap = " (the model's length cap, not memory)" if n is not None and n == f["fit"].get("upper") else ""
+            return ("no length" if n is None else f"{n:,} tokens{cap}"), f["id"]
+    return "", None
+
+
+def card_cell(pool: Pool, method: str, case: Case, cards: tuple[str, ...], want: int) -> dict:
+    est = pool.find("estimate", case.recipe, method, case.impl)
+    run = pool.find("run", case.recipe, method, case.impl)
+    out = {"recipe": case.label, "column": case.column}
+    if est is None or "cards" not in est or not all(c in est["cards"] for c in cards):
+        return {**out, "verdict": "no record", "class": None, "records": []}
+    parts, holds, ids = [], [], [est["id"]]
+    for card in cards:
+        fit = est["cards"][card]
+        n = fit["cards_needed"]
+        parts.append(f"{gpus.CATALOG[card].label}: {'fits one' if n == 1 else f'{n} cards, sharded'} "
+                     f"({fit['headroom_bytes'] / GiB:+.1f} GiB headroom on one)")
+        holds.append(n <= want if want == 1 else n == want)
+    if method == "qlora":
+        text, fid = longest(pool, est, "rtx4090")
+        if fid:
+            parts.append(f"longest sequence that fits: {text}")
+            ids.append(fid)
+    verdict = ("holds" if all(holds) else "refuted" if not any(holds) else "holds for " + ", ".join(
+        gpus.CATALOG[c].label for c, h in zip(cards, holds, strict=True) if h) + " only")
+    out.update(ours="; ".join(parts), source=source_label(est), record=est["id"], verdict=verdict,
+               **{"class": "holds" if all(holds) else "refuted" if not any(holds) else "partly"},
+               records=ids + ([run["id"]] if run else []))
+    if run is not None:
+        out["run_peak"] = f"{fmt.gb(run['bytes']['peak'])} tensor peak, {source_label(run)}"
+    return out
+
+
+def trials_cell(pool: Pool, recipe_of: dict[str, str], column: str) -> dict:
+    """Trials per card and tokens/s per card of each method under one column's recipes."""
+    found = {m: (pool.find("estimate", r, m, "foreach" if m == "full" else None),
+                 pool.find("run", r, m, "foreach" if m == "full" else None)) for m, r in recipe_of.items()}
+    out = {"recipe": " / ".join(dict.fromkeys(recipe_of.values())), "column": column}
+    if any(e is None or "cards" not in e for e, _ in found.values()):
+        return {**out, "verdict": "no record", "class": None, "records": []}
+    parts, more_trials, more_tokens, speed_from = [], True, True, set()
+    for card in TRIAL_CARDS:
+        n = {m: e["cards"][card]["trials"] for m, (e, _) in found.items()}
+        tps = {m: (run or {}).get("tokens_per_second") for m, (_, run) in found.items()}
+        per_card = {m: None if tps[m] is None else n[m] * tps[m] for m in n}
+        parts.append(f"{gpus.CATALOG[card].label}: trials " + ", ".join(f"{m} {n[m]}" for m in n)
+                     + "; tokens/s per card " + ", ".join(f"{m} {'n/a' if v is None else f'{v:.1f}'}"
+                                                         for m, v in per_card.items()))
+        more_trials &= n["qlora"] > n["lora"]
+        if None in (per_card["qlora"], per_card["lora"]):
+            more_tokens = None
+        elif more_tokens is not None:
+            more_tokens &= per_card["qlora"] > per_card["lora"]
+        speed_from |= {device_name(run) for _, run in found.values() if run is not None}
+    if more_tokens is None:
+        verdict = ("holds on memory (more trials); cost not judged: no run with throughput" if more_trials
+                   else "refuted on memory")
+        cls = "holds" if more_trials else "refuted"
+    else:
+        verdict = ("holds: more trials and more tokens/s per card" if more_trials and more_tokens else
+                   "depends: more trials, fewer tokens/s per card" if more_trials else "refuted on memory")
+        cls = "holds" if more_trials and more_tokens else "partly" if more_trials else "refuted"
+    ids = [x["id"] for e, run in found.values() for x in (e, run) if x is not None]
+    return {**out, "ours": "; ".join(parts), "source": f"trials estimated (CUDA); tokens/s measured on "
+            f"{', '.join(sorted(speed_from)) or 'no device'}", "record": ids[0], "verdict": verdict,
+            "class": cls, "records": ids}
+
+
+def card_rows(pool: Pool) -> list[dict]:
+    rows = []
+    for method, text, cards, want, cases in GPU_CLAIMS:
+        cells = [card_cell(pool, method, case, cards, want) for case in cases]
+        rows.append({"id": f"gpus-{method}", "claim": text, "claimed": f"{want}x", "moment": "at the peak",
+                     "cells": cells, "verdict": verdicts(cells), "true_when": ASSUMED,
+                     "records": list(dict.fromkeys(i for c in cells for i in c["records"]))})
+    cells = [trials_cell(pool, {"full": "seed", "lora": "seed", "qlora": "seed"}, "seed"),
+             trials_cell(pool, {"full": "mixed", "lora": "mixed", "qlora": "mixed"}, "mixed"),
+             trials_cell(pool, {"lora": "peft-lora", "qlora": "peft-qlora"}, "peft")]
+    rows.append({"id": "qlora-more-trials", "claim": "QLoRA fits more hyper-parameter search trials per GPU, "
+                 "reducing the cost of the search", "claimed": "more than LoRA", "moment": "at the peak",
+                 "cells": cells, "verdict": verdicts(cells),
+                 "true_when": "each trial a separate process with its own CUDA context; trials = card // (peak + "
+                              "reserve + context); tokens/s per card = trials x one trial's measured tokens/s, on "
+                              "the device named (a CPU's ratio of QLoRA to LoRA speed is not a GPU's)",
+                 "records": list(dict.fromkeys(i for c in cells for i in c["records"]))})
+    return [r for r in rows if any(c.get("class") for c in r["cells"])]
+
+
+def verdicts(cells: list[dict]) -> str:
+    judged = [c for c in cells if c.get("class")]
+    if not judged:
+        return "no record"
+    if len({c["verdict"] for c in judged}) == 1:
+        return judged[0]["verdict"] + (" under every recipe" if len(judged) > 1 else "")
+    return "depends on recipe: " + "; ".join(f"{c['verdict']} under {c['recipe']}" for c in judged)
