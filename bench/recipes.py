@@ -68,17 +68,18 @@ def configure(name: str, given: dict, methods: list[str] | None) -> list[dict]:
     return [{**recipe.settings_for(device), **given, "method": m} for m in methods]
 
 
-def match(config: dict) -> str | None:
+def match(config: dict, ignoring: tuple[str, ...] = ()) -> str | None:
     """The recipe whose every setting (for the config's device) the config has, for a method it is for; None if
     none does, or if this version cannot read the config. Configs written before a field existed read as its
-    default (RunConfig.from_dict)."""
+    default (RunConfig.from_dict). `ignoring`: fields a variant of a recipe changes on purpose (a recipe with double
+    quantisation turned off is still that recipe's variant)."""
     try:
         cfg = RunConfig.from_dict(config).to_dict()
     except ConfigError:  # a config this version cannot read is no recipe of its
         return None
     for recipe in load().values():
         if cfg["method"] in recipe.methods and all(
-                cfg[k] == v for k, v in recipe.settings_for(cfg["device"]).items()):
+                cfg[k] == v for k, v in recipe.settings_for(cfg["device"]).items() if k not in ignoring):
             return recipe.name
     return None
 

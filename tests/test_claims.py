@@ -170,3 +170,30 @@ def test_one_number_per_fact_across_readme_claims_runs_and_summary():
     summary = (ROOT / "reports" / "claims-7b" / "amd-epyc" / "summary.md").read_text()
     for r in record.read(ROOT / "reports" / "claims-7b" / "amd-epyc" / "results.jsonl")[-11:]:
         assert fmt.gb_number(r["bytes"]["peak"]) in summary
+
+
+def test_a_variant_of_a_recipe_is_found_for_the_claim_about_it():
+    """Double quantisation off under peft-qlora is that recipe's variant (not "custom"): the saving is the quant_state
+    of the pair of runs, beside the pair of estimates."""
+    peft = dict(lora_dropout=0.05, kbit_prepare=True, grad_checkpointing=True, adapter_dtype="fp32",
+                optimizer="adamw", adamw_impl="fused")
+    on = made("extrapolated", "qlora", {"weights": 4.29, "quant_state": 0.103}, "fused", **peft)
+    off = made("extrapolated", "qlora", {"weights": 4.29, "quant_state": 0.405}, "fused", double_quant=False, **peft)
+    row = rows_of([on, off])["double-quant-saving"]
+    cell = next(c for c in row["cells"] if c["recipe"] == "peft-qlora")
+    assert cell["ours"] == "0.302 GB" and cell["verdict"] == "off by -24.5%" and set(cell["records"]) == {on["id"],
+                                                                                                           off["id"]}
+
+
+def test_the_reports_index_says_no_gpu_figure_until_a_gpu_record_exists(tmp_path):
+    reports = tmp_path / "reports"
+    (reports / "a").mkdir(parents=True)
+    (reports / "a" / "README.md").write_text("# a\n")
+    run = made("measured", "lora", {"weights": 1.0}, "for-loop")
+    (reports / "a" / "results.jsonl").write_text(json.dumps(run) + "\n")
+    report.index(reports)
+    assert "No figure in these reports was measured on a GPU" in (reports / "README.md").read_text()
+    run["env"] = {"device": {"type": "cuda", "name": "NVIDIA H200"}}
+    (reports / "a" / "results.jsonl").write_text(json.dumps(run) + "\n")
+    report.index(reports)
+    assert "measured on a GPU" not in (reports / "README.md").read_text()

@@ -213,6 +213,10 @@ def estimate_vs_measured(records: list[dict], out: Path) -> list[str]:
                            label=f"{m} ({source}, {len(pts)})", s=18)
     ax.set_xscale("log")
     ax.set_yscale("symlog", linthresh=10)
+    low, high = min(-10.0, min(p[1] for p in points) * 1.3), max(10.0, max(p[1] for p in points) * 1.3)
+    ax.set_ylim(low, high)
+    ticks = [t for t in (-1000, -100, -50, -10, -5, 0, 5, 10, 50, 100, 1000) if low <= t <= high]
+    ax.set_yticks(ticks, [f"{t:+d}%" if t else "0" for t in ticks])
     ax.set_xlabel("measured peak GB (log)")
     ax.set_ylabel("estimate error, % of the measured peak")
     inside = sum(abs(p[1]) <= 5 for p in points)

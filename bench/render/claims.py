@@ -17,7 +17,7 @@ COLUMN_TITLES = {"seed": "seed (pure bf16)", "mixed": "mixed (fp32 masters)", "p
 
 def gpu_measured(records: list[dict]) -> bool:
     """Whether any record was measured on a CUDA device."""
-    return any(r["source"] != "estimated" and ((r.get("env") or {}).get("device") or {}).get("type") == "cuda"
+    return any(r.get("source") != "estimated" and ((r.get("env") or {}).get("device") or {}).get("type") == "cuda"
                for r in records)
 
 

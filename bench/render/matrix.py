@@ -67,7 +67,8 @@ class Pool:
                    "lora_targets": ALL7, "double_quant": True,
                    "grad_checkpointing": recipes.get(recipe).settings.get("grad_checkpointing", False), **want}
         hits = [r for r in (self.runs if kind == "run" else self.estimates)
-                if recipe_name(r["config"]) == recipe and (impl is None or r.get("optimizer_impl") == impl)
+                if recipes.match(r["config"], ignoring=tuple(want)) == recipe
+                and (impl is None or r.get("optimizer_impl") == impl)
                 and all(_same(r["config"].get(k), v) for k, v in setting.items())]
         # the newest; among estimates of a recipe, the one with torch's default AdamW unless `impl` says otherwise
         return max(hits, key=lambda r: (r["config"].get("adamw_impl", "default") == "default", r.get("created", "")),
@@ -159,7 +160,9 @@ def differences(claim: Claim, run: dict, est: dict) -> str:
     diffs = [f"{k} {'+' if b.get(k, 0) >= a.get(k, 0) else ''}{fmt.gb(b.get(k, 0) - a.get(k, 0))}" for k in CATEGORIES
              if abs(b.get(k, 0) - a.get(k, 0)) >= SMALL]
     why = []
-    if run.get("optimizer_impl") != est.get("optimizer_impl"):
+    if est.get("optimizer_impl") == "bitsandbytes":
+        why.append(f"{est['config']['optimizer']} on CUDA, torch's {run.get('optimizer_impl')} AdamW in the run")
+    elif run.get("optimizer_impl") != est.get("optimizer_impl"):
         why.append(f"AdamW {est.get('optimizer_impl')} on CUDA, {run.get('optimizer_impl')} in the run")
     if claim.method != "full" and run["config"].get("lora_dropout", 0) > 0 and any(d.startswith("activations")
                                                                                     for d in diffs):
@@ -238,12 +241,15 @@ def targets_text(targets: list[str]) -> str:
 def adapter_variants(pool: Pool, claimed: float, value: Callable[[dict], int], unit: str) -> tuple[str, list[str]]:
     """Which rank, targets and adapter dtype make an adapter claim hold, from the plan's LoRA variants."""
     found = []
+    seen = set()
     for recipe in ("seed", "peft-lora"):
-        for r in pool.variants("lora", recipe, seq_len=SEQ, batch_size=1, grad_checkpointing=False):
+        for r in pool.variants("lora", recipe, seq_len=SEQ, batch_size=1):
             c = r["config"]
             dtype = "fp32" if c.get("adapter_dtype") == "fp32" else "bf16"
-            found.append((abs(value(r) / claimed - 1), f"r={c['lora_r']} on {targets_text(c['lora_targets'])} in "
-                          f"{dtype}: {fmt.amount(value(r), unit)}", r["id"]))
+            text = f"r={c['lora_r']} on {targets_text(c['lora_targets'])} in {dtype}: {fmt.amount(value(r), unit)}"
+            if text not in seen:  # the same adapters with checkpointing on or off
+                seen.add(text)
+                found.append((abs(value(r) / claimed - 1), text, r["id"]))
     if not found:
         return "", []
     found.sort()

@@ -134,9 +134,30 @@ def index(reports: Path) -> None:
         first = first_line(readme_file)
         rel = readme_file.parent.relative_to(reports)
         entries.append(f"- [{rel}]({rel}/): {first}")
-    text = ["# Reports", "", f"{INDEX_MARK} (this index is rewritten with each report); every "
+    gpu = gpu_records_below(reports)
+    note = ([] if gpu else ["> **No figure in these reports was measured on a GPU.** Memory figures are tensor bytes "
+                            "measured on a CPU (at full depth, or at reduced depth and extrapolated); every CUDA "
+                            "figure is an estimate whose CUDA context and allocator reserve are assumptions.", ""])
+    text = ["# Reports", "", *note, f"{INDEX_MARK} (this index is rewritten with each report); every "
             "number below comes from the project's own commands.", "", *entries, ""]
     write(reports, "README.md", "\n".join(text))
+
+
+def gpu_records_below(folder: Path) -> bool:
+    """Whether any JSONL file below `folder` holds a run measured on a CUDA device."""
+    for f in sorted(folder.rglob("*.jsonl")):
+        try:
+            lines = f.read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(r, dict) and r.get("source") in ("measured", "extrapolated") and claims.gpu_measured([r]):
+                return True
+    return False
 
 
 def first_line(path: Path) -> str:
