@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from bench.modelling import gpus  # the card catalog (names, sizes, assumed context and reserve), not the estimator
 from bench.render import fmt
-from bench.render.matrix import FULL, LORA, QLORA, Case, Pool, source_label
+from bench.render.matrix import FULL, LORA, QLORA, SEQ, Case, Pool, source_label
 from bench.schema import GiB, device_name, fit_base, run_key
 
 GPU_CLAIMS = (("full", "Full FT of 7B needs 2x A100", ("a100-40gb", "a100-80gb"), 2, FULL),
@@ -20,6 +20,10 @@ GPU_CLAIMS = (("full", "Full FT of 7B needs 2x A100", ("a100-40gb", "a100-80gb")
 TRIAL_CARDS = ("rtx4090", "a100-80gb")
 ASSUMED = (f"card needs are estimated: tensor peak + {gpus.ALLOCATOR_RESERVE:.0%} allocator reserve + "
            f"{gpus.CUDA_CONTEXT_BYTES / GiB:.1f} GiB CUDA context, both assumed")
+
+
+def short(card: str) -> str:
+    return gpus.CATALOG[card].label.replace("NVIDIA ", "").replace("GeForce ", "")
 
 
 def longest(pool: Pool, est: dict, card: str) -> tuple[str, str | None]:
@@ -43,16 +47,22 @@ def card_cell(pool: Pool, method: str, case: Case, cards: tuple[str, ...], want:
     for card in cards:
         fit = est["cards"][card]
         n = fit["cards_needed"]
-        parts.append(f"{gpus.CATALOG[card].label}: {'fits one' if n == 1 else f'{n} cards, sharded'} "
-                     f"({fit['headroom_bytes'] / GiB:+.1f} GiB headroom on one)")
+        room = fit["headroom_bytes"]
+        parts.append(f"{short(card)}: {'fits one' if n == 1 else f'{n} cards, sharded'} "
+                     f"({'+' if room >= 0 else ''}{fmt.gb(room)} headroom on one)")
         holds.append(n <= want if want == 1 else n == want)
-    if method == "qlora":
+    also = ""
+    if method != "full":  # the 24 GB card an adapter claim is measured against, and how far it goes
         text, fid = longest(pool, est, "rtx4090")
         if fid:
-            parts.append(f"longest sequence that fits: {text}")
+            fits = est["cards"].get("rtx4090", {}).get("cards_needed") == 1
+            parts.append(f"{short('rtx4090')}: {'fits one' if fits else 'does not fit'} at {SEQ} tokens, "
+                         f"longest sequence that fits {text}")
             ids.append(fid)
+            if fits and "rtx4090" not in cards:
+                also = f"; one {short('rtx4090')} also fits it, up to {text}"
     verdict = ("holds" if all(holds) else "refuted" if not any(holds) else "holds for " + ", ".join(
-        gpus.CATALOG[c].label for c, h in zip(cards, holds, strict=True) if h) + " only")
+        short(c) for c, h in zip(cards, holds, strict=True) if h) + " only") + also
     out.update(ours="; ".join(parts), source=source_label(est), record=est["id"], verdict=verdict,
                **{"class": "holds" if all(holds) else "refuted" if not any(holds) else "partly"},
                records=ids + ([run["id"]] if run else []))
@@ -73,7 +83,7 @@ def trials_cell(pool: Pool, recipe_of: dict[str, str], column: str) -> dict:
         n = {m: e["cards"][card]["trials"] for m, (e, _) in found.items()}
         tps = {m: (run or {}).get("tokens_per_second") for m, (_, run) in found.items()}
         per_card = {m: None if tps[m] is None else n[m] * tps[m] for m in n}
-        parts.append(f"{gpus.CATALOG[card].label}: trials " + ", ".join(f"{m} {n[m]}" for m in n)
+        parts.append(f"{short(card)}: trials " + ", ".join(f"{m} {n[m]}" for m in n)
                      + "; tokens/s per card " + ", ".join(f"{m} {'n/a' if v is None else f'{v:.1f}'}"
                                                          for m, v in per_card.items()))
         more_trials &= n["qlora"] > n["lora"]
@@ -120,6 +130,9 @@ def verdicts(cells: list[dict]) -> str:
     judged = [c for c in cells if c.get("class")]
     if not judged:
         return "no record"
-    if len({c["verdict"] for c in judged}) == 1:
+    by_verdict: dict[str, list[str]] = {}
+    for c in judged:
+        by_verdict.setdefault(c["verdict"], []).append(c["recipe"])
+    if len(by_verdict) == 1:
         return judged[0]["verdict"] + (" under every recipe" if len(judged) > 1 else "")
-    return "depends on recipe: " + "; ".join(f"{c['verdict']} under {c['recipe']}" for c in judged)
+    return "depends on recipe: " + "; ".join(f"{v} under {', '.join(names)}" for v, names in by_verdict.items())

@@ -122,6 +122,7 @@ class Claim:
     moment: str
     cases: tuple[Case, ...]
     note: str = ""
+    categories: tuple[str, ...] = ()  # the categories the figure is made of (none: all, a total)
 
 
 CLAIMS = (
@@ -129,46 +130,51 @@ CLAIMS = (
           "the peak is the optimizer step: weights, gradients and moments, plus foreach AdamW's scratch (one copy "
           "of every gradient) where fused AdamW has none; independent of sequence length up to 2048"),
     Claim("full-7b-weights", "of which 14 GB weights", "full", 14e9, "GB", at_peak("weights"), "at the peak", FULL,
-          "bf16 weights, 2 bytes a parameter (mixed precision keeps its fp32 masters in the optimizer)"),
+          "bf16 weights, 2 bytes a parameter (mixed precision keeps its fp32 masters in the optimizer)", ("weights",)),
     Claim("full-7b-gradients", "of which 14 GB gradients", "full", 14e9, "GB", at_peak("gradients"), "at the peak",
-          FULL, "bf16 gradients, 2 bytes a parameter"),
+          FULL, "bf16 gradients, 2 bytes a parameter", ("gradients",)),
     Claim("full-7b-optimizer", "of which 28 GB optimizer state", "full", 28e9, "GB", at_peak("optimizer"),
-          "at the peak", FULL, "bf16 moments are 4 bytes a parameter; mixed precision's fp32 moments and masters 12"),
+          "at the peak", FULL, "bf16 moments are 4 bytes a parameter; mixed precision's fp32 moments and masters 12",
+          ("optimizer",)),
     Claim("full-7b-activations", "of which ~8 GB activations", "full", 8e9, "GB", backward_start("activations"),
-          "as backward starts", FULL, "what one batch keeps for backward, freed before the optimizer step"),
+          "as backward starts", FULL, "what one batch keeps for backward, freed before the optimizer step",
+          ("activations",)),
     Claim("lora-7b-total", "7B LoRA needs ~18 GB", "lora", 18e9, "GB", at_peak("peak"), "at the peak", LORA,
           "a bf16 base of 13.5 GB plus activations, which grow with batch x sequence"),
     Claim("lora-7b-adapters", "LoRA adapters ~50 MB", "lora", 50e6, "MB", at_peak("adapter"), "at the peak", LORA,
-          "r=16 on all seven projections; PEFT keeps them in fp32 (twice the bytes)"),
+          "r=16 on all seven projections; PEFT keeps them in fp32 (twice the bytes)", ("adapter",)),
     Claim("lora-7b-optimizer", "LoRA optimizer state ~0.2 GB", "lora", 0.2e9, "GB", at_peak("optimizer"),
           "at the peak", LORA, "the adapters' AdamW state: bf16 moments (seed), fp32 moments and masters (mixed), "
-          "fp32 moments of fp32 adapters (PEFT)"),
+          "fp32 moments of fp32 adapters (PEFT)", ("optimizer",)),
     Claim("qlora-7b-total", "7B QLoRA needs ~8 GB", "qlora", 8e9, "GB", at_peak("peak"), "at the peak", QLORA,
           "NF4 base with double quantisation, bf16 compute"),
     Claim("qlora-7b-base", "with a 3.5 GB 4-bit base", "qlora", 3.5e9, "GB", base_bytes, "at the peak", QLORA,
           "the packed 4-bit weights are 3.24 GB; what stays unquantised (embeddings, norms, lm_head) is bf16, or "
-          "fp32 after prepare_model_for_kbit_training (peft-qlora), and the block constants add 0.1 GB"),
+          "fp32 after prepare_model_for_kbit_training (peft-qlora), and the block constants add 0.1 GB",
+          ("weights", "quant_state")),
 )
 
 
 def differences(claim: Claim, run: dict, est: dict) -> str:
-    """Estimate minus run, category by category (at the claim's moment), with the causes the records show."""
-    if claim.value is base_bytes or claim.moment == "at the peak":
+    """Estimate minus run, category by category (the claim's own categories, at its moment), with the causes the
+    records show for the categories that differ."""
+    if claim.moment == "at the peak":
         a, b = run["bytes"], est["bytes"]
     else:
         a, b = run.get("backward_start") or {}, est.get("backward_start") or {}
-    diffs = [f"{k} {'+' if b.get(k, 0) >= a.get(k, 0) else ''}{fmt.gb(b.get(k, 0) - a.get(k, 0))}" for k in CATEGORIES
-             if abs(b.get(k, 0) - a.get(k, 0)) >= SMALL]
-    why = []
-    if est.get("optimizer_impl") == "bitsandbytes":
-        why.append(f"{est['config']['optimizer']} on CUDA, torch's {run.get('optimizer_impl')} AdamW in the run")
-    elif run.get("optimizer_impl") != est.get("optimizer_impl"):
-        why.append(f"AdamW {est.get('optimizer_impl')} on CUDA, {run.get('optimizer_impl')} in the run")
-    if claim.method != "full" and run["config"].get("lora_dropout", 0) > 0 and any(d.startswith("activations")
-                                                                                    for d in diffs):
-        why.append("dropout masks are 1-byte bool on CUDA, the input's dtype on CPU")
-    if not diffs:
+    cats = claim.categories or CATEGORIES
+    differ = [k for k in cats if abs(b.get(k, 0) - a.get(k, 0)) >= SMALL]
+    if not differ:
         return "none over 5 MB"
+    diffs = [f"{k} {'+' if b.get(k, 0) >= a.get(k, 0) else ''}{fmt.gb(b.get(k, 0) - a.get(k, 0))}" for k in differ]
+    why = []
+    if {"optimizer", "other"} & set(differ):
+        if est.get("optimizer_impl") == "bitsandbytes":
+            why.append(f"{est['config']['optimizer']} on CUDA, torch's {run.get('optimizer_impl')} AdamW in the run")
+        elif run.get("optimizer_impl") != est.get("optimizer_impl"):
+            why.append(f"AdamW {est.get('optimizer_impl')} on CUDA, {run.get('optimizer_impl')} in the run")
+    if "activations" in differ and claim.method != "full" and run["config"].get("lora_dropout", 0) > 0:
+        why.append("dropout masks are 1-byte bool on CUDA, the input's dtype on CPU")
     return ", ".join(diffs) + (f" ({'; '.join(why)})" if why else "")
 
 
