@@ -87,7 +87,8 @@ def test_the_activations_claim_reads_the_start_of_backward_not_the_peak():
     run["backward_start"] = {**{c: 0 for c in CATEGORIES}, "activations": 3_136_000_000, "total": 3_136_000_000}
     row = rows_of([run])["full-7b-activations"]
     cell = row["cells"][0]
-    assert cell["ours"] == "3.136 GB" and cell["verdict"] == "refuted (-60.8%)" and row["moment"] == "as backward starts"
+    assert cell["ours"] == "3.136 GB" and cell["verdict"] == "refuted (-60.8%)"
+    assert row["moment"] == "as backward starts"
 
 
 def test_no_gpu_record_is_said_at_the_top_and_a_gpu_record_lifts_it():
@@ -197,3 +198,18 @@ def test_the_reports_index_says_no_gpu_figure_until_a_gpu_record_exists(tmp_path
     (reports / "a" / "results.jsonl").write_text(json.dumps(run) + "\n")
     report.index(reports)
     assert "measured on a GPU" not in (reports / "README.md").read_text()
+
+
+def test_records_made_in_the_same_second_that_differ_have_different_ids(tmp_path):
+    """Two fits of one configuration on two cards (the same length found for both) once shared an id, and the
+    report silently dropped one; now they differ, and two different records under one id are an error."""
+    cfg = RunConfig(model="llama-2-7b", method="qlora", seq_len=4096, device="cuda").to_dict()
+    a, b = (record.make(cfg, source="estimated", status="ok", bytes_={"peak": 1}, fit={"gpu": g}, created="x")
+            for g in ("rtx4090", "a100-80gb"))
+    assert a["id"] != b["id"]
+    twin = {**b, "id": a["id"]}
+    (tmp_path / "r.jsonl").write_text(json.dumps(a) + "\n" + json.dumps(a) + "\n" + json.dumps(twin) + "\n")
+    with pytest.raises(Exception, match=f"two different records share id {a['id']}"):
+        report.load([str(tmp_path / "r.jsonl")])
+    (tmp_path / "r.jsonl").write_text(json.dumps(a) + "\n" + json.dumps(a) + "\n")
+    assert len(report.load([str(tmp_path / "r.jsonl")])) == 1

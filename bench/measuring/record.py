@@ -73,7 +73,10 @@ def make(config: dict, *, source: str, status: str, bytes_: dict | None, device_
     if status not in STATUSES:
         raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
     created = now()
-    digest = hashlib.sha1(json.dumps([config, source, created], sort_keys=True).encode()).hexdigest()[:12]
+    # Everything that tells two records apart, not only the config: estimates made in the same second share a
+    # config (the longest sequence that fits two cards can be the same length) and differ in what they say of it.
+    content = [config, source, created, status, bytes_, device_figures, error, quality, extra]
+    digest = hashlib.sha1(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:12]
     figures = dict.fromkeys(DEVICE_FIGURES)
     figures.update(device_figures or {})
     return {

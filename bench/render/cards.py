@@ -60,7 +60,7 @@ def card_cell(pool: Pool, method: str, case: Case, cards: tuple[str, ...], want:
                          f"longest sequence that fits {text}")
             ids.append(fid)
             if fits and "rtx4090" not in cards:
-                also = f"; one {short('rtx4090')} also fits it, up to {text}"
+                also = f", and one {short('rtx4090')} also fits it"
     verdict = ("holds" if all(holds) else "refuted" if not any(holds) else "holds for " + ", ".join(
         short(c) for c, h in zip(cards, holds, strict=True) if h) + " only") + also
     out.update(ours="; ".join(parts), source=source_label(est), record=est["id"], verdict=verdict,

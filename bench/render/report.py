@@ -42,12 +42,16 @@ def load(paths: list[str | Path]) -> list[dict]:
             files.append(p)
         else:
             raise ConfigError(f"no such results file or folder: {p}")
-    seen, out = set(), []
+    seen, out = {}, []
     for f in files:
         for r in record.read(f):  # checks every record; a bad one is a ConfigError naming FILE:LINE
-            if r["id"] not in seen:
-                seen.add(r["id"])
+            first = seen.get(r["id"])
+            if first is None:
+                seen[r["id"]] = (r, f)
                 out.append(r)
+            elif first[0] != r:  # the same record read twice is one record; two records with one id are an error
+                raise ConfigError(f"two different records share id {r['id']}: in {first[1]} and {f}; regenerate "
+                                  "the later file (`qlora-bench derive` for derived estimates)")
     if not out:
         raise ConfigError("no result records in " + ", ".join(map(str, paths)))
     return out
