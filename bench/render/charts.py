@@ -18,7 +18,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 from bench.modelling import gpus  # noqa: E402 - the card catalog (names and sizes), not the estimator
 from bench.render import fmt  # noqa: E402
 from bench.render.claims import FOLK_QUALITY  # noqa: E402
-from bench.render.select import Estimates, method_groups, quality_sets, recipe_name, runs, template  # noqa: E402
+from bench.render.select import (  # noqa: E402
+    Estimates,
+    method_groups,
+    quality_sets,
+    recipe_name,
+    recipe_text,
+    runs,
+    template,
+)
 from bench.schema import CATEGORIES, GB, METHODS, GiB, device_name, slug  # noqa: E402
 
 # One colour per category in every chart (colour-blind-safe Okabe-Ito order).
@@ -57,9 +65,10 @@ def breakdown(records: list[dict], out: Path) -> list[str]:
             vals = [r["bytes"][cat] / GB for r in rs]
             ax.bar(x, vals, bottom=bottom, color=COLOURS[cat], label=cat, width=0.6)
             bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
-        for i, total in enumerate(bottom):
-            ax.text(i, total, f"{total:.2f}", ha="center", va="bottom")
-        ax.set_xticks(list(x), [r["config"]["method"] for r in rs])
+        for i, r in enumerate(rs):
+            ax.text(i, bottom[i], fmt.gb_number(r["bytes"]["peak"]), ha="center", va="bottom")
+        ax.set_xticks(list(x), [f"{r['config']['method']}\n{recipe_text(r['config'])}, AdamW "
+                                f"{r.get('optimizer_impl') or 'default'}" for r in rs], fontsize=7)
         ax.set_ylabel("GB at the peak (10^9 bytes)")
         ax.set_title("Memory by category, " + _title(key, {r["source"] for r in rs}))
         ax.legend(frameon=False, fontsize=8, loc="upper right")
