@@ -119,8 +119,9 @@ def test_every_cited_id_resolves_and_every_figure_is_a_field_of_its_records():
             if not c.get("class") or c["recipe"] is None:
                 continue
             cited = [inputs[i] for i in c["records"]]
-            for figure in re.findall(r"-?\d+\.\d+ GB|\d+ MB", c["ours"])[:1]:
-                values = [x for r in cited for x in leaves(r.get("bytes")) + leaves(r.get("backward_start"))]
+            for figure in re.findall(r"-?\d+\.\d+ GB|\d+ MB", c["ours"] + " " + c.get("estimate", "")):
+                values = [x for r in cited for k in ("bytes", "backward_start", "cards", "fit")
+                          for x in leaves(r.get(k))]
                 pairs = [a - b for a in values for b in values]
                 fmt_of = fmt.gb if figure.endswith("GB") else fmt.mb
                 candidates = {fmt_of(v) for v in values} | {fmt_of(v) for v in pairs} | {
