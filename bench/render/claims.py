@@ -91,8 +91,11 @@ def evaluate(records: list[dict]) -> list[dict]:
 
 def cell_text(c: dict) -> str:
     if not c.get("class"):
-        return "—"
-    return f"{c['ours']}: **{c['verdict']}**" if "ours" in c and len(c["ours"]) < 24 else f"**{c['verdict']}**"
+        return "no record"
+    text = f"{c['ours']}: **{c['verdict']}**" if "ours" in c and len(c["ours"]) < 24 else f"**{c['verdict']}**"
+    if c.get("estimate_class") and c["estimate_class"] != c["class"]:
+        text += f" (CUDA estimate {c['estimate']}: {c['estimate_verdict']})"
+    return text
 
 
 def markdown(rows: list[dict], records: list[dict] = ()) -> str:
@@ -115,7 +118,7 @@ def markdown(rows: list[dict], records: list[dict] = ()) -> str:
             for col in COLUMN_TITLES:
                 cs = [c for c in r["cells"] if c["column"] == col]
                 cols.append("<br>".join((f"{c['recipe'].split(' (')[1].rstrip(')')}: " if " (" in c["recipe"] else "")
-                                        + cell_text(c) for c in cs) or "n/a")
+                                        + cell_text(c) for c in cs) or "not applicable")
             lines.append(f"| {r['claim']} | {r['claimed']} | " + " | ".join(cols) + f" | **{r['verdict']}** |")
         lines += ["", "## Each cell, with its records", ""]
         for r in matrix_rows:
@@ -126,12 +129,12 @@ def markdown(rows: list[dict], records: list[dict] = ()) -> str:
                 if not c.get("class"):
                     lines.append(f"| {c['recipe']} | no record | | | | | |")
                     continue
-                est = (f"{c['estimate']} ({c['estimate_source']}): {c['estimate_verdict']}" if "estimate" in c
+                est = (f"{c['estimate']}: {c['estimate_verdict']}; {c['estimate_source']}" if "estimate" in c
                        else "")
                 extra = f"; run: {c['run_peak']}" if c.get("run_peak") else ""
                 lines.append(f"| {c['recipe']} | {c['ours']}{extra} | {c['source']} | {est} | "
                              f"{c.get('difference', '')} | {c['verdict']} | {', '.join(c['records'])} |")
-            lines += ["", f"True when: {r['true_when'].rstrip('.')}.", ""]
+            lines += ["", f"Notes: {r['true_when'].rstrip('.')}.", ""]
     quality_rows = [r for r in rows if "cells" not in r]
     if quality_rows:
         lines += ["## Quality", "", "| claim | setting | claimed | ours | verdict | true when | source (records) |",
@@ -150,7 +153,7 @@ def summary_lines(rows: list[dict]) -> list[str]:
         if "cells" in r:
             first = next((c for c in r["cells"] if c.get("class")), None)
             short = first is not None and len(first.get("ours", "")) <= 24
-            ours = f", ours {first['ours']} ({first['recipe']})" if short else ""
+            ours = f", ours {first['ours']} ({first['recipe']}, {first['source'].split(' (')[0]})" if short else ""
             out.append(f"- {r['claim']}: claimed {r['claimed']}{ours}: **{r['verdict']}**")
         else:
             out.append(f"- {r['claim']} ({r['id'].rsplit('-', 1)[-1]}): claimed {r['claimed']}, ours {r['ours']}: "

@@ -30,13 +30,15 @@ SMALL = 5 * 10**6  # differences under 5 MB are not listed
 
 def source_label(r: dict) -> str:
     """What a figure is, in words a reader cannot misread."""
+    impl = r.get("optimizer_impl") or "default"
+    opt = r["config"].get("optimizer", "adamw") if impl == "bitsandbytes" else f"AdamW {impl}"
     if r["source"] == "estimated":
-        return f"estimated (CUDA, analytical; AdamW {r.get('optimizer_impl', 'default')})"
+        return f"estimated (CUDA, analytical; {opt})"
     where = device_name(r)
     if r["source"] == "extrapolated" and r.get("measured_at"):
         depths = ", ".join(str(m["layers"]) for m in r["measured_at"])
-        return f"extrapolated ({where}; from {depths} layers to {r['layers']})"
-    return f"{r['source']} ({where})"
+        return f"extrapolated ({where}; from {depths} layers to {r['layers']}; {opt})"
+    return f"{r['source']} ({where}; {opt})"
 
 
 def _targets(t) -> list:
@@ -127,8 +129,9 @@ class Claim:
 
 CLAIMS = (
     Claim("full-7b-total", "7B Full FT needs ~64 GB", "full", 64e9, "GB", at_peak("peak"), "at the peak", FULL,
-          "the peak is the optimizer step: weights, gradients and moments, plus foreach AdamW's scratch (one copy "
-          "of every gradient) where fused AdamW has none; independent of sequence length up to 2048"),
+          "with foreach AdamW the peak is the optimizer step, where one copy of every gradient (13.5 GB of scratch) "
+          "stands where the freed activations stood: the seed's 'holds' rests on that scratch; fused AdamW has none "
+          "and peaks in backward; up to 2048 tokens the peak does not depend on sequence length"),
     Claim("full-7b-weights", "of which 14 GB weights", "full", 14e9, "GB", at_peak("weights"), "at the peak", FULL,
           "bf16 weights, 2 bytes a parameter (mixed precision keeps its fp32 masters in the optimizer)", ("weights",)),
     Claim("full-7b-gradients", "of which 14 GB gradients", "full", 14e9, "GB", at_peak("gradients"), "at the peak",
@@ -168,14 +171,19 @@ def differences(claim: Claim, run: dict, est: dict) -> str:
         return "none over 5 MB"
     diffs = [f"{k} {'+' if b.get(k, 0) >= a.get(k, 0) else ''}{fmt.gb(b.get(k, 0) - a.get(k, 0))}" for k in differ]
     why = []
-    if {"optimizer", "other"} & set(differ):
+    in_step = "optimizer" in ((run.get("peak_at") or {}).get("phase"), (est.get("peak_at") or {}).get("phase"))
+    if {"optimizer", "other"} & set(differ) and claim.moment == "at the peak" and in_step:
         if est.get("optimizer_impl") == "bitsandbytes":
             why.append(f"{est['config']['optimizer']} on CUDA, torch's {run.get('optimizer_impl')} AdamW in the run")
         elif run.get("optimizer_impl") != est.get("optimizer_impl"):
             why.append(f"AdamW {est.get('optimizer_impl')} on CUDA, {run.get('optimizer_impl')} in the run")
-    if "activations" in differ and claim.method != "full" and run["config"].get("lora_dropout", 0) > 0:
-        why.append("dropout masks are 1-byte bool on CUDA, the input's dtype on CPU")
-    return ", ".join(diffs) + (f" ({'; '.join(why)})" if why else "")
+    if ("activations" in differ and b.get("activations", 0) < a.get("activations", 0) and claim.method != "full"
+            and run["config"].get("lora_dropout", 0) > 0 and not run["config"].get("grad_checkpointing")):
+        why.append("mostly dropout masks: 1-byte bool on CUDA, the input's dtype on CPU")
+    if not why:
+        why.append("not attributed: the two peak at different moments or the model does not cover a kernel's "
+                   "allocation")
+    return ", ".join(diffs) + f" ({'; '.join(why)})"
 
 
 def cell(claim: Claim, case: Case, pool: Pool) -> dict:
@@ -193,24 +201,38 @@ def cell(claim: Claim, case: Case, pool: Pool) -> dict:
     if est_v is not None and rec is not est:
         out.update(estimate=fmt.amount(est_v, claim.unit), estimate_source=source_label(est),
                    estimate_record=est["id"], estimate_verdict=fmt.verdict(claim.claimed, est_v)[0],
-                   difference=differences(claim, run, est))
+                   estimate_class=fmt.classify(claim.claimed, est_v)[0], difference=differences(claim, run, est))
     return out
 
 
 def row_verdict(cells: list[dict]) -> str:
-    """One verdict for a claim across recipes: the common class, or "depends on recipe" and which way each goes."""
+    """One verdict for a claim across recipes: the common class, or "depends on recipe" and which way each goes;
+    then where a cell's CUDA estimate falls in another class than its run, and which cells have no record."""
     judged = [c for c in cells if c.get("class")]
     if not judged:
         return "no record"
+    by = "recipe and AdamW implementation" if any(" AdamW)" in c["recipe"] for c in judged) else "recipe"
     classes = [c["class"] for c in judged]
     if len(set(classes)) == 1:
-        return classes[0] + (" under every recipe" if len(judged) > 1 else f" ({judged[0]['recipe']})")
-    parts = []
-    for cls in fmt.CLASSES:
-        names = [c["recipe"] for c in judged if c["class"] == cls]
-        if names:
-            parts.append(f"{cls} under {', '.join(names)}")
-    return "depends on recipe: " + "; ".join(parts)
+        text = classes[0] + (" under every recipe" if len(judged) == len(cells) > 1 else
+                             f" under {', '.join(c['recipe'] for c in judged)}")
+    else:
+        parts = []
+        for cls in fmt.CLASSES:
+            names = [c["recipe"] for c in judged if c["class"] == cls]
+            if names:
+                parts.append(f"{cls} under {', '.join(names)}")
+        text = f"depends on {by}: " + "; ".join(parts)
+    other: dict[str, list[str]] = {}
+    for c in judged:
+        if c.get("estimate_class") and c["estimate_class"] != c["class"]:
+            other.setdefault(c["estimate_class"], []).append(c["recipe"])
+    if other:
+        text += " (by the CUDA estimate: " + "; ".join(f"{k} under {', '.join(v)}" for k, v in other.items()) + ")"
+    missing = [c["recipe"] for c in cells if not c.get("class")]
+    if missing and judged:
+        text += f"; not judged under {', '.join(missing)} (no record)"
+    return text
 
 
 def row(claim: Claim, pool: Pool, extra: tuple[str, list[str]] = ("", [])) -> dict:
@@ -235,9 +257,10 @@ def activations_reach(pool: Pool, threshold: float = 8e9) -> tuple[str, list[str
     if not below or not above:
         return "", []
     (s0, r0), (s1, r1) = below[-1], above[0]
-    return (f"Full FT's activations reach {threshold / GB:.0f} GB between batch 1 x {s0:,} "
-            f"({fmt.gb(r0['backward_start']['activations'])}) and 1 x {s1:,} tokens "
-            f"({fmt.gb(r1['backward_start']['activations'])}; estimated, CUDA)"), [r0["id"], r1["id"]]
+    return ((f"Full FT's activations reach {threshold / GB:.0f} GB between batch 1 x {s0:,} "
+            f"({fmt.gb(r0['backward_start']['activations'])}, record {r0['id']}) and 1 x {s1:,} tokens "
+            f"({fmt.gb(r1['backward_start']['activations'])}, record {r1['id']}; estimated, CUDA)"),
+            [r0["id"], r1["id"]])
 
 
 def targets_text(targets: list[str]) -> str:
@@ -251,8 +274,10 @@ def adapter_variants(pool: Pool, claimed: float, value: Callable[[dict], int], u
     for recipe in ("seed", "peft-lora"):
         for r in pool.variants("lora", recipe, seq_len=SEQ, batch_size=1):
             c = r["config"]
-            dtype = "fp32" if c.get("adapter_dtype") == "fp32" else "bf16"
-            text = f"r={c['lora_r']} on {targets_text(c['lora_targets'])} in {dtype}: {fmt.amount(value(r), unit)}"
+            if c["lora_r"] == 16 and _targets(c["lora_targets"]) == ALL7:
+                continue  # the matrix's own setting, judged in the cells
+            text = (f"r={c['lora_r']} on {targets_text(c['lora_targets'])} under {recipe}: "
+                    f"{fmt.amount(value(r), unit)} (record {r['id']})")
             if text not in seen:  # the same adapters with checkpointing on or off
                 seen.add(text)
                 found.append((abs(value(r) / claimed - 1), text, r["id"]))
@@ -261,7 +286,7 @@ def adapter_variants(pool: Pool, claimed: float, value: Callable[[dict], int], u
     found.sort()
     holding = [f for f in found if f[0] <= fmt.HOLDS]
     shown = holding or found[:3]
-    lead = "it holds for " if holding else f"none of {len(found)} settings holds; the nearest: "
+    lead = "it holds for " if holding else f"none of the {len(found)} other settings planned holds; the nearest: "
     return lead + "; ".join(t for _, t, _ in shown) + " (estimated, CUDA)", [i for _, _, i in shown]
 
 
@@ -285,13 +310,15 @@ def pair_cell(label: str, column: str, claimed: float, unit: str, a: tuple, b: t
     (x, y), est = pick[0], (a[1], b[1]) if all(e is not None for e in (a[1], b[1])) else None
     ours = combine(x, y)
     text, err = fmt.verdict(claimed, ours)
+    used = [x, y, *(est or ())]
     out.update(ours=fmt.amount(ours, unit), source=source_label(x), record=x["id"], verdict=text,
                error=round(err, 4), **{"class": fmt.classify(claimed, ours)[0]},
-               records=list(dict.fromkeys(i for r in (*a, *b) if r is not None for i in [r["id"]])))
+               records=list(dict.fromkeys(r["id"] for r in used)))
     if est is not None and x is not est[0]:
         v = combine(*est)
         out.update(estimate=fmt.amount(v, unit), estimate_source=source_label(est[0]), estimate_record=est[0]["id"],
-                   estimate_verdict=fmt.verdict(claimed, v)[0], difference=f"{fmt.amount(v - ours, unit)} "
+                   estimate_verdict=fmt.verdict(claimed, v)[0], estimate_class=fmt.classify(claimed, v)[0],
+                   difference=f"{fmt.amount(v - ours, unit)} "
                    "(estimate minus run)" if unit != "x" else f"{v - ours:+.3f}x (estimate minus run)")
     return out
 
@@ -312,8 +339,9 @@ def pair_rows(pool: Pool) -> list[dict]:
     rows = []
     for cid, text, claimed, cells, note in (
         ("qlora-half-of-lora", "QLoRA cuts memory roughly in half compared with LoRA", "0.5x", half,
-         "the peak of QLoRA over LoRA's under the same recipe; short sequences, where the weights dominate, bring it "
-         "nearest (activations are the same for both)"),
+         "the peak of QLoRA over LoRA's under the same recipe, at 512 tokens; it grows with sequence length as "
+         "activations (the same for both under seed and mixed) come to dominate; under the PEFT recipes QLoRA's "
+         "activations are larger (prepare_model_for_kbit_training keeps norms and embeddings in fp32)"),
         ("double-quant-saving", "double quantisation saves ~0.4 GB on a 7B model", "0.4 GB", dq,
          "quant_state without double quantisation minus with it: 0.373 bits a quantised parameter (fp32 block "
          "constants per 64 weights become 8-bit, plus one fp32 per 256 blocks), so 0.4 GB needs about 8.6B "
