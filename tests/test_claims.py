@@ -51,7 +51,8 @@ def test_a_cell_is_judged_on_the_run_with_the_cuda_estimate_and_the_difference_b
         r["peak_at"] = {"phase": "backward"}
     row = rows_of([run, est, peft])["lora-7b-total"]
     seed = next(c for c in row["cells"] if c["recipe"] == "seed")
-    assert seed["ours"] == "18.270 GB" and seed["source"] == "extrapolated (cpu; from 1, 2 layers to 32; AdamW for-loop)"
+    assert seed["ours"] == "18.270 GB"
+    assert seed["source"] == "extrapolated (cpu; from 1, 2 layers to 32; AdamW for-loop)"
     assert seed["record"] == run["id"] and seed["estimate"] == "17.710 GB" and seed["estimate_record"] == est["id"]
     # causes only where they apply: the peak is in backward (no optimizer cause), masks explain the activations
     assert seed["difference"] == ("activations -0.580 GB, other +0.020 GB (mostly dropout masks: 1-byte bool on "
