@@ -212,6 +212,17 @@ def cmd_quality(args) -> int:
     return 0
 
 
+def cmd_rescore(args) -> int:
+    from pathlib import Path
+
+    from bench.render import quality as render_quality
+    from bench.running import quality
+
+    records = quality.rescore(Path(args.out), log=lambda line: print(line, file=sys.stderr, flush=True))
+    print(render_quality.markdown(records), end="")
+    return 0
+
+
 def cmd_report(args) -> int:
     from pathlib import Path
 
@@ -327,6 +338,10 @@ def parser() -> Parser:
     q.add_argument("--json", action="store_true", help="print one result record per method")
     add_quiet(q)
     q.set_defaults(func=cmd_quality)
+    rs = sub.add_parser("rescore", help="a quality folder's records made again from its per-example scores "
+                        "(OUT/quality-runs.jsonl), without training: after a change to the statistics")
+    rs.add_argument("out", help="the folder a quality run wrote (--out), e.g. reports/quality/NAME")
+    rs.set_defaults(func=cmd_rescore)
     rp = sub.add_parser("report", help="tables, charts and the claims verdicts from result records (runs nothing)")
     rp.add_argument("results", nargs="+", help="JSONL files of result records, or folders of them")
     rp.add_argument("--out", required=True,

@@ -17,7 +17,9 @@ def markdown(records: list[dict]) -> str:
     lines = ["# qlora-bench quality", "",
              "Relative quality = score / Full FT's score, where the score is accuracy (choice tasks) or exp(-loss) "
              "on the held-out targets (1/perplexity); intervals: 95% percentile bootstrap over seeds and held-out "
-             "examples together. *Difference*: method minus Full FT (accuracy points, or score).", ""]
+             "examples together. *Difference*: method minus Full FT (accuracy points, or score). *Gain share*: "
+             "(method - untrained base) / (Full FT - untrained base), the share of Full FT's gain a method keeps. "
+             "*Failed*: a seed whose score ends below the untrained base's, or whose training loss diverged.", ""]
     tasks_seen = []
     for r in records:
         t = (r["quality"]["task"], r["quality"]["heldout_digest"])
@@ -36,27 +38,41 @@ def markdown(records: list[dict]) -> str:
         if q0.get("caveat"):
             lines += [f"Caveat: {q0['caveat']}.", ""]
         head = "| model | lr | " + ("accuracy | " if acc else "") + "loss | perplexity | relative quality [95% CI] | " \
-               "difference [95% CI] | peak GB | step s |"
-        lines += [head, "|---|---|" + ("---|" if acc else "") + "---|---|---|---|---|---|"]
+               "difference [95% CI] | gain share [95% CI] | failed seeds | peak GB | step s |"
+        lines += [head, "|---|---|" + ("---|" if acc else "") + "---|---|---|---|---|---|---|---|"]
         for name, label in (("base", "base (untrained)"), ("base_4bit", "4-bit base (untrained, NF4)")):
             b = q0.get(name)
             if b:
+                share = _interval(b.get("gain_share"), ".3f") if name != "base" else "0 (by definition)"
                 lines.append(f"| {label} | — | " + (f"{b['accuracy']:.3f} | " if acc else "") +
                              f"{b['loss']:.4f} | {b['perplexity']:.3f} | {_interval(b['relative'], '.3f')} | "
-                             f"{_interval(b['difference'], '+.2f' if acc else '+.4f')} | | |")
+                             f"{_interval(b['difference'], '+.2f' if acc else '+.4f')} | "
+                             f"{share} | | | |")
         for r in rs:
             q, c = r["quality"], r["config"]
             peak = "—" if not r.get("bytes") else gb_number(r['bytes']['peak'])
             lines.append(f"| {c['method']} | {q['train']['lr']:g} | " + (f"{q['accuracy']:.3f} | " if acc else "") +
                          f"{q['loss']:.4f} | {q['perplexity']:.3f} | {_interval(q['relative'], '.3f')} | "
-                         f"{_interval(q['difference'], '+.2f' if acc else '+.4f')} | {peak} | "
-                         f"{r['step_seconds']:.3f} |")
+                         f"{_interval(q['difference'], '+.2f' if acc else '+.4f')} | "
+                         f"{_interval(q.get('gain_share'), '.3f')} | {_failed(q)} | {peak} | {r['step_seconds']:.3f} |")
+        without = [r for r in rs if (r["quality"].get("without_collapsed") or {}).get("relative")]
+        if without:
+            kept = without[0]["quality"]["without_collapsed"]["seeds"]
+            lines += ["", f"Without the failed seeds (seeds {kept}, every method): " + "; ".join(
+                f"{r['config']['method']} relative {_interval(r['quality']['without_collapsed']['relative'], '.3f')}, "
+                f"gain share {_interval(r['quality']['without_collapsed'].get('gain_share'), '.3f')}"
+                for r in without) + "."]
         if acc:
             lines += ["", _resolution(rs), "",
                       "Loss and perplexity are on the answer and the end-of-sequence token after it, as trained; the "
                       "untrained bases do not expect the answer to end there, hence their large loss."]
         lines.append("")
     return "\n".join(lines)
+
+
+def _failed(q: dict) -> str:
+    own = [f"{f['seed']} ({f['why']})" for f in q.get("collapsed") or []]
+    return "; ".join(own) or ("—" if "collapsed" in q else "not checked")
 
 
 def _resolution(rs: list[dict]) -> str:

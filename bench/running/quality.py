@@ -20,17 +20,14 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
-
 from bench import progress
 from bench.render import quality as render_quality
+from bench.running.quality_stats import bootstrap, collapsed
 from bench.schema import METHODS, run_key
 from qlora.config import RunConfig
 from qlora.scoring import IGNORE, collate, schedule, score, summarise, training_pairs
 from qlora.tasks import Example, Task
 
-BOOTSTRAP_SAMPLES = 4000
-LEVEL = 0.95
 SETTINGS = {
     # quick: all three methods on one task in well under 15 minutes on 2 CPU cores (nox -s bench runs it).
     "quick": {"steps": 40, "seeds": 1, "eval_examples": 200, "batch_size": 8, "seq_len": 128},
@@ -42,54 +39,6 @@ SETTINGS = {
 Q4_1_CAVEAT = ("the packaged SmolLM2-135M-Instruct went through GGUF Q4_1 before it was converted: its "
                "'full precision' weights are dequantised 4-bit weights, so QLoRA's NF4 is a second quantisation "
                "and costs more here than on genuine 16-bit weights; compare base and 4-bit base")
-
-
-# ---- the bootstrap ---------------------------------------------------------------------------------------------
-
-
-def quality_score(scores: list[dict], metric: str, seed_w: np.ndarray, ex_w: np.ndarray) -> np.ndarray:
-    """Score (accuracy, or exp(-loss)) under resampling weights: seed_w (B, K) counts over seeds, ex_w (B, N) counts
-    over examples. scores: one dict per seed, each with per-example lists."""
-    if metric == "accuracy":
-        c = np.array([s["correct"] for s in scores], dtype=float)  # (K, N)
-        return np.einsum("bk,kn,bn->b", seed_w, c, ex_w) / (seed_w.sum(1) * ex_w.sum(1))
-    nll = np.array([s["nll"] for s in scores], dtype=float)
-    tok = np.array([s["tokens"] for s in scores], dtype=float)
-    return np.exp(-np.einsum("bk,kn,bn->b", seed_w, nll, ex_w) / np.einsum("bk,kn,bn->b", seed_w, tok, ex_w))
-
-
-def bootstrap(method_scores: dict[str, list[dict]], metric: str, reference: str = "full",
-              samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> dict[str, dict]:
-    """Relative quality (score / the reference's) and the difference from the reference for every entry, with
-    percentile intervals from one paired resampling of seeds and held-out examples. Entries with fewer seeds (the
-    bases, evaluated once) resample examples only."""
-    rng = np.random.default_rng(seed)
-    n = len(method_scores[reference][0]["nll"])
-    ex_w = rng.multinomial(n, np.full(n, 1 / n), size=samples).astype(float)
-    seed_ws = {}
-    for k in sorted({len(v) for v in method_scores.values()}):
-        seed_ws[k] = rng.multinomial(k, np.full(k, 1 / k), size=samples).astype(float)
-    ones = {k: np.ones((1, k)) for k in seed_ws}
-    ref = quality_score(method_scores[reference], metric, seed_ws[len(method_scores[reference])], ex_w)
-    ref_point = quality_score(method_scores[reference], metric, ones[len(method_scores[reference])], np.ones((1, n)))[0]
-    lo, hi = (1 - LEVEL) / 2 * 100, (1 + LEVEL) / 2 * 100
-    out = {}
-    for name, scores in method_scores.items():
-        k = len(scores)
-        boot = quality_score(scores, metric, seed_ws[k], ex_w)
-        point = quality_score(scores, metric, ones[k], np.ones((1, n)))[0]
-        rel, diff = boot / ref, boot - ref
-        scale = 100 if metric == "accuracy" else 1  # accuracy differences in points
-        out[name] = {
-            "score": float(point),
-            "relative": {"value": float(point / ref_point), "ci_low": float(np.percentile(rel, lo)),
-                         "ci_high": float(np.percentile(rel, hi)), "level": LEVEL},
-            "difference": {"value": float((point - ref_point) * scale),
-                           "ci_low": float(np.percentile(diff, lo) * scale),
-                           "ci_high": float(np.percentile(diff, hi) * scale), "level": LEVEL,
-                           "unit": "accuracy points" if metric == "accuracy" else "score (exp(-loss))"},
-        }
-    return out
 
 
 # ---- the runs --------------------------------------------------------------------------------------------------
@@ -229,6 +178,17 @@ def records(cfgs: list[RunConfig], task: Task, held: list[Example], results: dic
     boot = bootstrap({**scores, **bases}, task.metric) if has_reference else {}
     n_seeds = len(next(iter(results.values())))
     baseline = {name: {**summarise(s[0], task.metric), **_relative(boot.get(name))} for name, s in bases.items()}
+    # Failed runs: flagged per method, and every figure given again without their seeds (dropped for every method,
+    # so the comparison stays paired).
+    base_value = baseline["base"]["value"] if "base" in baseline else None
+    failed = {m: collapsed(rs, base_value, lambda r: summarise(r["tuned"], task.metric)["value"])
+              for m, rs in results.items()}
+    dropped = sorted({f["seed"] for fs in failed.values() for f in fs})
+    without = {}
+    if dropped and has_reference:
+        keep = {m: [r for r in rs if r["config"]["seed"] not in dropped] for m, rs in results.items()}
+        if all(keep.values()):
+            without = bootstrap({**{m: [r["tuned"] for r in rs] for m, rs in keep.items()}, **bases}, task.metric)
     out = []
     for cfg in cfgs:
         rs = results[cfg.method]
@@ -245,8 +205,17 @@ def records(cfgs: list[RunConfig], task: Task, held: list[Example], results: dic
                       "tokens": rs[0]["tokens"], "target_tokens": rs[0]["target_tokens"],
                       "schedule_digest": rs[0]["schedule_digest"], "lr": cfg.lr,
                       "first_loss": rs[0]["train_losses"][0], "last_loss": rs[0]["train_losses"][-1]},
+            "collapsed": failed[cfg.method],
+            "collapsed_elsewhere": sorted({f["seed"] for m, fs in failed.items() if m != cfg.method for f in fs}),
             **baseline,
         }
+        if cfg.method == "qlora" and "gap" in boot:
+            quality["gap_to_lora"] = boot["gap"]
+        if without:
+            kept = [s for s in quality["seeds"] if s not in dropped]
+            quality["without_collapsed"] = {"seeds": kept, **_relative(without.get(cfg.method)),
+                                            **({"gap_to_lora": without["gap"]} if cfg.method == "qlora"
+                                               and "gap" in without else {})}
         if cfg.model == "smollm2-135m-instruct":
             quality["caveat"] = Q4_1_CAVEAT
         step = statistics.median(r["step_seconds"] for r in rs)
@@ -258,6 +227,43 @@ def records(cfgs: list[RunConfig], task: Task, held: list[Example], results: dic
     return out
 
 
+def rescore(out: Path, log=print) -> list[dict]:
+    """The quality records of OUT/quality-runs.jsonl made again from the per-example scores it holds, without
+    training anything: what a change to the statistics (gain share, collapsed seeds, the gap) needs. One record per
+    (task, held-out set, method), from the latest run of every seed; written like `run`'s (OUT/results.jsonl and
+    summary.md). Raises ConfigError when there is nothing to rescore or a held-out set no longer matches."""
+    from bench.measuring import record
+    from qlora import tasks
+    from qlora.config import ConfigError
+
+    runs_file = out / "quality-runs.jsonl"
+    if not runs_file.is_file():
+        raise ConfigError(f"no {runs_file}: nothing to rescore (a quality run with --out writes it)")
+    groups: dict[tuple, dict[str, dict[int, dict]]] = {}
+    for r in record.read_objects(runs_file):
+        seedless = {**r["config"], "seed": 0}
+        key = (r["task"], r["heldout_digest"])
+        groups.setdefault(key, {}).setdefault(run_key(seedless), {})[r["config"]["seed"]] = r  # the latest wins
+    new = []
+    for (name, digest), by_config in groups.items():
+        task = tasks.load_task(name)
+        first = next(iter(next(iter(by_config.values())).values()))
+        held = task.heldout[:len(first["tuned"]["nll"])]
+        if eval_digest(held) != digest:
+            raise ConfigError(f"{runs_file}: the held-out set of {name} ({digest}) is not this version's")
+        results, cfgs = {}, []
+        for runs in by_config.values():
+            ordered = [runs[k] for k in sorted(runs)]
+            cfg = RunConfig.from_dict({**ordered[0]["config"]})
+            results[cfg.method] = ordered
+            cfgs.append(cfg)
+        cfgs.sort(key=lambda c: METHODS.index(c.method))
+        log(f"{name}: {', '.join(f'{c.method} x {len(results[c.method])} seed(s)' for c in cfgs)}")
+        new += records(cfgs, task, held, results)
+    save(out, new)
+    return new
+
+
 def _pool(scores: list[dict]) -> dict:
     return {k: [x for s in scores for x in s[k]] for k in scores[0]}
 
@@ -265,7 +271,8 @@ def _pool(scores: list[dict]) -> dict:
 def _relative(b: dict | None) -> dict:
     if b is None:
         return {"relative": None, "difference": None}
-    return {"relative": b["relative"], "difference": b["difference"]}
+    return {"relative": b["relative"], "difference": b["difference"],
+            **({"gain_share": b["gain_share"]} if "gain_share" in b else {})}
 
 
 def record_key(r: dict) -> str:

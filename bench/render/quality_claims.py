@@ -1,0 +1,125 @@
+"""The quality claims ("LoRA keeps ~97% of Full FT's quality", "QLoRA ~95%", "QLoRA is only ~2 points below
+LoRA"), judged from the quality records' intervals, never from a point estimate.
+
+Rule: a claim of "~c" holds when the whole 95% interval lies within c ± TOLERANCE (2 points of relative quality);
+*better* or *worse than claimed* when the interval lies wholly beyond that band; otherwise *inconclusive at this
+scale*, with the interval's half-width and about how many seeds the same design would need to narrow it to the
+band (the interval narrows as one over the square root of the seeds). A single-seed run gets no verdict: its
+interval resamples examples only, not training. Seeds whose run failed (below the untrained base, or a diverged
+loss) are named, and the verdict is given again without them. Relative quality is what the claims are about; the
+gain share (how much of Full FT's gain over the untrained base a method keeps) is shown beside it.
+"""
+
+from __future__ import annotations
+
+import math
+
+from bench.render.select import quality_sets
+
+FOLK_QUALITY = {"lora": 0.97, "qlora": 0.95}  # the share of Full FT's quality each method is said to keep
+TOLERANCE = 0.02  # relative quality: 2 points of Full FT's score
+GAP_POINTS = 2.0  # "QLoRA is only ~2 points below LoRA"
+
+
+def seeds_to_separate(half_width: float, n_seeds: int, target: float) -> int | None:
+    """Seeds the same design would need for an interval of half-width `target`, from the observed one."""
+    if half_width <= 0 or n_seeds < 1 or target <= 0:
+        return None
+    return max(n_seeds, math.ceil(n_seeds * (half_width / target) ** 2))
+
+
+def judge(low: float, high: float, claimed: float, tolerance: float, n_seeds: int, unit: str = "") -> str:
+    if n_seeds < 2:
+        return "no verdict: one seed (its interval resamples held-out examples, not training)"
+    if claimed - tolerance <= low and high <= claimed + tolerance:
+        return "holds (the interval lies within the claim's band)"
+    if low > claimed + tolerance:
+        return "better than claimed (the interval lies above the band)"
+    if high < claimed - tolerance:
+        return "worse than claimed (the interval lies below the band)"
+    hw = (high - low) / 2
+    need = seeds_to_separate(hw, n_seeds, tolerance)
+    more = f"; about {need} seeds would narrow it to ±{tolerance:g}{unit}" if need and need > n_seeds else ""
+    return f"inconclusive at this scale (±{hw:.3g}{unit} with {n_seeds} seeds{more})"
+
+
+def interval_text(x: dict | None, digits: int = 3) -> str:
+    return "n/a" if not x else f"{x['value']:.{digits}f} [{x['ci_low']:.{digits}f}, {x['ci_high']:.{digits}f}]"
+
+
+def failed_text(q: dict) -> str:
+    own = [f"seed {f['seed']} {f['why']}" for f in q.get("collapsed") or []]
+    elsewhere = q.get("collapsed_elsewhere") or []
+    parts = own + ([f"seed(s) {', '.join(map(str, elsewhere))} of another method failed"] if elsewhere else [])
+    return "; ".join(parts)
+
+
+def setting(r: dict) -> str:
+    q, c = r["quality"], r["config"]
+    return (f"{c['model']}; task {q['task']} ({q['metric']}); {q['train']['steps']} steps x {q['train']['batch_size']};"
+            f" {q['eval_examples']} held-out; seeds {q['seeds']}; {c['precision']}; LoRA r={c['lora_r']}; lr "
+            f"{q['train']['lr']:g} (measured)")
+
+
+def judged_sets(records: list[dict]) -> dict[str, dict[str, dict]]:
+    """Per task, the largest evaluation (held-out examples x seeds) with a Full FT record."""
+    by_task: dict[str, dict[str, dict]] = {}
+    for (task, _, _), rs in quality_sets(records).items():
+        if not any(r["config"]["method"] == "full" for r in rs):
+            continue
+        q = rs[0]["quality"]
+        size = q["eval_examples"] * len(q["seeds"])
+        best = by_task.get(task)
+        if best is None or size > best["full"]["quality"]["eval_examples"] * len(best["full"]["quality"]["seeds"]):
+            by_task[task] = {r["config"]["method"]: r for r in rs}
+    return by_task
+
+
+def rows(records: list[dict]) -> list[dict]:
+    out = []
+    for task, rs in judged_sets(records).items():
+        for method, claimed in FOLK_QUALITY.items():
+            r = rs.get(method)
+            if r is None or not r["quality"].get("relative"):
+                continue
+            q, rel = r["quality"], r["quality"]["relative"]
+            n = len(q["seeds"])
+            verdict = judge(rel["ci_low"], rel["ci_high"], claimed, TOLERANCE, n)
+            failed = failed_text(q)
+            without = q.get("without_collapsed") or {}
+            if failed and without.get("relative"):
+                w, k = without["relative"], len(without["seeds"])
+                verdict += (f"; without the failed seed(s) ({k} seeds): {interval_text(w)}, "
+                            f"{judge(w['ci_low'], w['ci_high'], claimed, TOLERANCE, k)}")
+            out.append({"id": f"quality-{method}-{task}",
+                        "claim": f"{method} keeps ~{claimed:.0%} of Full FT's quality",
+                        "setting": setting(r), "claimed": f"{claimed:.2f}",
+                        "ours": f"relative {interval_text(rel)}; gain share {interval_text(q.get('gain_share'))}",
+                        "error": round(rel["value"] / claimed - 1, 4), "source": "measured",
+                        "records": [r["id"], rs["full"]["id"]], "verdict": verdict,
+                        "also": "; ".join(x for x in (("failed runs: " + failed) if failed else "", q.get("caveat"))
+                                          if x) or None,
+                        "true_when": "judged on relative quality (score over Full FT's) on this task, model and budget "
+                                     "only; the gain share is the share of Full FT's gain over the untrained base"})
+        qlora = rs.get("qlora")
+        gap = (qlora or {}).get("quality", {}).get("gap_to_lora")
+        if gap and gap.get("unit") == "accuracy points":
+            n = len(qlora["quality"]["seeds"])
+            if n < 2:
+                verdict = "no verdict: one seed (its interval resamples held-out examples, not training)"
+            elif gap["ci_high"] <= GAP_POINTS:
+                verdict = "holds (the interval lies at or below 2 points)"
+            elif gap["ci_low"] > GAP_POINTS:
+                verdict = "refuted (the interval lies above 2 points)"
+            else:
+                hw = (gap["ci_high"] - gap["ci_low"]) / 2
+                need = seeds_to_separate(hw, n, GAP_POINTS / 2)
+                more = f"; about {need} seeds would narrow it to ±1 point" if need and need > n else ""
+                verdict = f"inconclusive at this scale (±{hw:.2g} points with {n} seeds{more})"
+            out.append({"id": f"quality-qlora-gap-{task}", "claim": "QLoRA is only ~2 points below LoRA",
+                        "setting": setting(qlora), "claimed": "2 points",
+                        "ours": f"{interval_text(gap, 1)} points (LoRA minus QLoRA, paired)", "error": None,
+                        "source": "measured", "records": [rs["lora"]["id"], qlora["id"]], "verdict": verdict,
+                        "also": qlora["quality"].get("caveat"),
+                        "true_when": "a bound: an interval wholly at or below 2 points supports it"})
+    return out

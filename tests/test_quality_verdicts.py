@@ -1,0 +1,78 @@
+"""Quality verdicts a skeptic accepts: the gain share and the LoRA-QLoRA gap with paired intervals, failed seeds
+flagged and the figures given again without them, verdicts from intervals only (a single seed gets none), and a
+quality folder rescored from its per-example scores without training."""
+
+import json
+
+import numpy as np
+import pytest
+
+from bench.cli import main
+from bench.render import quality_claims
+from bench.running.quality_stats import bootstrap, collapsed, diverged
+
+
+def scores(p: float, n: int = 400, seeds: int = 3, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    return [{"correct": (rng.random(n) < p).astype(int).tolist(), "nll": [1.0] * n, "tokens": [1] * n}
+            for _ in range(seeds)]
+
+
+def test_gain_share_is_the_share_of_full_fts_gain_over_the_base_with_a_paired_interval():
+    base = scores(0.5, seeds=1, seed=1)
+    full, half = scores(0.9, seed=2), None
+    b = np.mean(base[0]["correct"])
+    f = np.mean([s["correct"] for s in full])
+    # a method that keeps exactly half of the gain, per example: the base's answer on odd examples, Full FT's on even
+    half = [{**s, "correct": [c if i % 2 == 0 else base[0]["correct"][i] for i, c in enumerate(s["correct"])]}
+            for s in full]
+    h = np.mean([s["correct"] for s in half])
+    out = bootstrap({"full": full, "half": half, "base": base}, "accuracy")
+    share = out["half"]["gain_share"]
+    assert share["value"] == pytest.approx((h - b) / (f - b))
+    assert share["ci_low"] < share["value"] < share["ci_high"]
+    assert out["full"]["gain_share"]["value"] == pytest.approx(1.0) and "gain_share" not in out["base"]
+
+
+def test_the_lora_qlora_gap_is_paired_and_in_points():
+    lora, qlora = scores(0.8, seed=3), scores(0.78, seed=4)
+    out = bootstrap({"full": scores(0.8, seed=5), "lora": lora, "qlora": qlora}, "accuracy")
+    gap = out["gap"]
+    expect = (np.mean([s["correct"] for s in lora]) - np.mean([s["correct"] for s in qlora])) * 100
+    assert gap["value"] == pytest.approx(expect) and gap["unit"] == "accuracy points"
+    assert gap["ci_low"] < gap["value"] < gap["ci_high"]
+
+
+def test_a_failed_seed_is_flagged_with_its_reason():
+    runs = [{"config": {"seed": 0}, "train_losses": [3.0, 1.0], "v": 0.86},
+            {"config": {"seed": 1}, "train_losses": [3.0, 1.2], "v": 0.767},
+            {"config": {"seed": 2}, "train_losses": [3.0, float("nan")], "v": 0.85}]
+    flagged = collapsed(runs, 0.778, lambda r: r["v"])
+    assert [f["seed"] for f in flagged] == [1, 2]
+    assert "below the untrained base's 0.7780" in flagged[0]["why"] and "diverged" in flagged[1]["why"]
+    assert diverged([2.0, 2.5]) and not diverged([2.0, 1.0])
+
+
+@pytest.mark.parametrize("low, high, n, word", [
+    (0.955, 0.985, 5, "holds"), (1.0, 1.07, 5, "better than claimed"), (0.85, 0.93, 5, "worse than claimed"),
+    (0.96, 1.09, 3, "inconclusive at this scale (±0.065 with 3 seeds; about 32 seeds"),
+    (0.99, 1.0, 1, "no verdict: one seed")])
+def test_a_quality_verdict_comes_from_the_interval_never_a_point(low, high, n, word):
+    assert quality_claims.judge(low, high, 0.97, quality_claims.TOLERANCE, n).startswith(word)
+
+
+def test_a_quality_folder_is_rescored_from_its_per_example_scores(tmp_path, capsys):
+    """The committed sentiment runs, rescored: Full FT's seed 1 ends below the untrained base (0.767 < 0.778) and
+    is flagged; every method's figures are given again without it; the gap and the gain share are in the records."""
+    from pathlib import Path
+
+    src = Path(__file__).parent.parent / "reports" / "quality" / "smollm2-135m-instruct-cpu" / "quality-runs.jsonl"
+    lines = [x for x in src.read_text().splitlines() if json.loads(x)["task"] == "sentiment"]
+    (tmp_path / "quality-runs.jsonl").write_text("\n".join(lines) + "\n")
+    assert main(["rescore", str(tmp_path)]) == 0
+    recs = {r["config"]["method"]: r for r in map(json.loads, (tmp_path / "results.jsonl").read_text().splitlines())}
+    full, qlora = recs["full"]["quality"], recs["qlora"]["quality"]
+    assert [f["seed"] for f in full["collapsed"]] == [1] and qlora["collapsed_elsewhere"] == [1]
+    assert qlora["without_collapsed"]["seeds"] == [0, 2] and "gain_share" in qlora and "gap_to_lora" in qlora
+    assert "failed seeds" in (tmp_path / "summary.md").read_text()
+    assert "below the untrained base" in capsys.readouterr().out
