@@ -44,12 +44,17 @@ def test_the_lora_qlora_gap_is_paired_and_in_points():
 
 
 def test_a_failed_seed_is_flagged_with_its_reason():
-    runs = [{"config": {"seed": 0}, "train_losses": [3.0, 1.0], "v": 0.86},
-            {"config": {"seed": 1}, "train_losses": [3.0, 1.2], "v": 0.767},
-            {"config": {"seed": 2}, "train_losses": [3.0, float("nan")], "v": 0.85}]
-    flagged = collapsed(runs, 0.778, lambda r: r["v"])
+    runs = [{"config": {"seed": 0}, "train_losses": [3.0, 1.0], "s": {"accuracy": 0.86}},
+            {"config": {"seed": 1}, "train_losses": [3.0, 1.2], "s": {"accuracy": 0.767}},
+            {"config": {"seed": 2}, "train_losses": [3.0, float("nan")], "s": {"accuracy": 0.85}}]
+    flagged = collapsed(runs, {"accuracy": 0.778}, "accuracy", lambda r: r["s"])
     assert [f["seed"] for f in flagged] == [1, 2]
     assert "below the untrained base's 0.7780" in flagged[0]["why"] and "diverged" in flagged[1]["why"]
+    # text tasks: a perplexity above the base's is a failure, a lower one is not
+    text = [{"config": {"seed": 0}, "train_losses": [3.0, 2.0], "s": {"loss": 3.8, "perplexity": 44.7}},
+            {"config": {"seed": 1}, "train_losses": [3.0, 2.0], "s": {"loss": 4.3, "perplexity": 73.7}}]
+    assert [f["seed"] for f in collapsed(text, {"loss": 4.18, "perplexity": 65.2}, "perplexity",
+                                         lambda r: r["s"])] == [1]
     assert diverged([2.0, 2.5]) and not diverged([2.0, 1.0])
 
 

@@ -180,8 +180,7 @@ def records(cfgs: list[RunConfig], task: Task, held: list[Example], results: dic
     baseline = {name: {**summarise(s[0], task.metric), **_relative(boot.get(name))} for name, s in bases.items()}
     # Failed runs: flagged per method, and every figure given again without their seeds (dropped for every method,
     # so the comparison stays paired).
-    base_value = baseline["base"]["value"] if "base" in baseline else None
-    failed = {m: collapsed(rs, base_value, lambda r: summarise(r["tuned"], task.metric)["value"])
+    failed = {m: collapsed(rs, baseline.get("base"), task.metric, lambda r: summarise(r["tuned"], task.metric))
               for m, rs in results.items()}
     dropped = sorted({f["seed"] for fs in failed.values() for f in fs})
     without = {}

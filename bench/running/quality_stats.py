@@ -78,14 +78,18 @@ def diverged(losses: list[float]) -> bool:
     return not losses or any(not math.isfinite(x) for x in losses) or losses[-1] > losses[0]
 
 
-def collapsed(runs: list[dict], base_value: float | None, metric_of) -> list[dict]:
-    """The runs (one per seed) that failed: a held-out score below the untrained base's, or a diverged training
-    loss. `metric_of(run)` is a run's score; returns [{seed, why}]."""
+def collapsed(runs: list[dict], base: dict | None, metric: str, summary_of) -> list[dict]:
+    """The runs (one per seed) that failed: a held-out score below the untrained base's (accuracy, or for text
+    tasks a perplexity above it), or a diverged training loss. `base` and `summary_of(run)` are summaries
+    (qlora.scoring.summarise); returns [{seed, why}]."""
     out = []
     for r in runs:
-        why = []
-        if base_value is not None and metric_of(r) < base_value:
-            why.append(f"scores {metric_of(r):.4f}, below the untrained base's {base_value:.4f}")
+        why, s = [], summary_of(r)
+        if base is not None:
+            if metric == "accuracy" and s["accuracy"] < base["accuracy"]:
+                why.append(f"accuracy {s['accuracy']:.4f}, below the untrained base's {base['accuracy']:.4f}")
+            elif metric != "accuracy" and s["loss"] > base["loss"]:
+                why.append(f"perplexity {s['perplexity']:.3f}, above the untrained base's {base['perplexity']:.3f}")
         if diverged(r.get("train_losses") or []):
             why.append("its training loss diverged")
         if why:
