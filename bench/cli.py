@@ -190,18 +190,18 @@ def cmd_quality(args) -> int:
     from pathlib import Path
 
     from bench.render import quality as render_quality
-    from bench.running import quality
+    from bench.running import quality, quality_plan
     from bench.running.plan import SPEC_KEYS
 
     check_out_dir(args.out)
     spec = {k: getattr(args, k) for k in SPEC_KEYS if getattr(args, k, None) is not None}
-    plan = quality.prepare(spec, args.device or default_device())
+    plan = quality_plan.prepare(spec, args.device or default_device())
     if plan.eval_examples > len(plan.task.heldout):
         print(f"qlora-bench: {plan.task.name} has {len(plan.task.heldout)} held-out examples; scoring all of them",
               file=sys.stderr)
     out = Path(args.out) if args.out else None
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
-    records = quality.run(plan.configs, plan.task, plan.eval_examples, plan.seeds, out, log=log)
+    records = quality.run(plan.configs, plan.task, plan.eval_examples, plan.seeds, out, log=log, lr_grid=plan.lr_grid)
     if out is not None:
         quality.save(out, records)
     if args.json:
@@ -329,6 +329,9 @@ def parser() -> Parser:
     q.add_argument("--batch-size", type=int, help="examples per step (overrides the setting)")
     q.add_argument("--seq-len", type=int, help="tokens per example at most (overrides the setting)")
     q.add_argument("--lr", help="learning rate, or per method: full=2e-5,lora=2e-4,qlora=2e-4 (the defaults)")
+    q.add_argument("--lr-grid", help="choose each method's rate first, on a validation split carved from the training "
+                   "examples (never the held-out ones): 'default' (full 1e-5:2e-5:5e-5, lora and qlora "
+                   "1e-4:2e-4:5e-4) or method=rate:rate:rate pairs")
     q.add_argument("--precision", help="mixed (the default: bf16 model, fp32 master weights), bf16 or fp32; pure "
                    "bf16 rounds away most of Full FT's updates at its learning rate")
     q.add_argument("--lora-r", type=int, help=f"LoRA rank (default {RunConfig().lora_r}; alpha = 2r)")

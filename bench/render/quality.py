@@ -37,6 +37,16 @@ def markdown(records: list[dict]) -> str:
                   ""]
         if q0.get("caveat"):
             lines += [f"Caveat: {q0['caveat']}.", ""]
+        searched = [r for r in rs if r["quality"].get("lr_search")]
+        if searched:
+            s0 = searched[0]["quality"]["lr_search"]
+            lines += [f"Learning rates chosen on {s0['validation_examples']} validation examples carved from the "
+                      f"training set (seed {s0['seed']}, never the held-out examples; score: "
+                      f"{'accuracy' if s0['metric'] == 'accuracy' else 'exp(-loss)'}): " + "; ".join(
+                          f"{r['config']['method']} {r['quality']['lr_search']['chosen']:g} (" + ", ".join(
+                              f"{lr:g}: {sc:.4f}" for lr, sc in zip(r["quality"]["lr_search"]["grid"],
+                                                                     r["quality"]["lr_search"]["scores"], strict=True))
+                          + ")" for r in searched) + ".", ""]
         head = "| model | lr | " + ("accuracy | " if acc else "") + "loss | perplexity | relative quality [95% CI] | " \
                "difference [95% CI] | gain share [95% CI] | failed seeds | peak GB | step s |"
         lines += [head, "|---|---|" + ("---|" if acc else "") + "---|---|---|---|---|---|---|---|"]

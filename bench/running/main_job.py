@@ -19,7 +19,7 @@ from pathlib import Path
 from bench.measuring import record
 from bench.modelling.records import estimate_record
 from bench.render import summary
-from bench.running import quality, reporting, sweep
+from bench.running import quality, quality_plan, reporting, sweep
 from bench.running.plan import PLANS_DIR, read_plan
 from bench.schema import device_name, run_key, slug
 from qlora.config import ConfigError, RunConfig
@@ -75,7 +75,7 @@ def run(plan_path: Path, out: Path, *, device: str, budget_gib: float | None = N
     qualities, skipped = [], []
     for spec in plan.quality:
         try:
-            qualities.append(quality.prepare(spec, device))
+            qualities.append(quality_plan.prepare(spec, device))
         except AssetError as e:  # no network and no cached wheel (a lent GPU): measure what can be, say what not
             skipped.append(f"quality {spec.get('task') or spec.get('data') or 'sentiment'} on {spec['model']}: "
                            f"skipped, {e}")
@@ -97,7 +97,8 @@ def run(plan_path: Path, out: Path, *, device: str, budget_gib: float | None = N
     for q in qualities:
         log(f"quality: {q.task.name}, {len(q.configs)} methods x {q.seeds} seed(s), "
             f"{q.eval_examples} held-out examples")
-        scored += quality.run(q.configs, q.task, q.eval_examples, q.seeds, out / "quality", log=log)
+        scored += quality.run(q.configs, q.task, q.eval_examples, q.seeds, out / "quality", log=log,
+                              lr_grid=q.lr_grid)
     if scored:
         quality.save(out / "quality", scored)
     _, derived, _ = reporting.make(out, log=log)

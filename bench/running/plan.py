@@ -34,7 +34,7 @@ PLANS_DIR = Path(__file__).resolve().parents[1] / "plans"  # the committed plans
 TABLES = ("group", "estimate", "quality")
 # The keys of a [[quality]] table, the options of `qlora-bench quality` (`methods` is its --method).
 SPEC_KEYS = ("model", "methods", "task", "data", "eval_data", "setting", "steps", "seeds", "eval_examples",
-             "batch_size", "seq_len", "lr", "precision", "lora_r", "seed")
+             "batch_size", "seq_len", "lr", "lr_grid", "precision", "lora_r", "seed")
 FALLBACK_KEY = "oom_fallback_layers"
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 from bench import progress
@@ -28,14 +28,6 @@ from qlora.config import RunConfig
 from qlora.scoring import IGNORE, collate, schedule, score, summarise, training_pairs
 from qlora.tasks import Example, Task
 
-SETTINGS = {
-    # quick: all three methods on one task in well under 15 minutes on 2 CPU cores (nox -s bench runs it).
-    "quick": {"steps": 40, "seeds": 1, "eval_examples": 200, "batch_size": 8, "seq_len": 128},
-    # long: the committed reference runs (about an hour for sentiment on 2 CPU cores).
-    "long": {"steps": 100, "seeds": 3, "eval_examples": 1000, "batch_size": 8, "seq_len": 128},
-    # gpu: the longer setting for a GPU (minutes for SmolLM2-135M): more steps, every held-out example up to 2000.
-    "gpu": {"steps": 500, "seeds": 3, "eval_examples": 2000, "batch_size": 16, "seq_len": 256},
-}
 Q4_1_CAVEAT = ("the packaged SmolLM2-135M-Instruct went through GGUF Q4_1 before it was converted: its "
                "'full precision' weights are dequantised 4-bit weights, so QLoRA's NF4 is a second quantisation "
                "and costs more here than on genuine 16-bit weights; compare base and 4-bit base")
@@ -125,17 +117,26 @@ def eval_digest(examples: list[Example]) -> str:
 
 
 def run(cfgs: list[RunConfig], task: Task, eval_examples: int, seeds: int, out: Path | None = None,
-        log=print) -> list[dict]:
+        log=print, lr_grid: dict | None = None) -> list[dict]:
     """Every (seed, method) of cfgs fine-tuned and scored, then one result record per method with `quality`.
 
     cfgs: one RunConfig per method (seed 0; seeds 1..K-1 are the same with another seed). Per-run scores are
     appended to OUT/quality-runs.jsonl as each finishes, and runs found there (same task, held-out examples and
     config) are not run again, so an interrupted run resumes. The unquantised base is scored by the first of the
     full/lora builds of seed 0, the 4-bit base by the qlora build (LoRA's B starts at zero: the untrained model
-    is the base).
+    is the base). With `lr_grid`, each method's rate is chosen first on a validation split carved from the
+    training examples (bench.running.lr_search), and the final runs train on the examples less that split.
     """
     from bench.measuring import record
+    from bench.running import lr_search
 
+    searched = {}
+    if lr_grid:
+        task, valid = lr_search.carve(task)
+        for c in cfgs:
+            searched[c.method] = lr_search.search(c, task, valid, lr_grid[c.method], out, log=log,
+                                                  train_and_score=train_and_score, digest=eval_digest(valid))
+        cfgs = [replace(c, lr=searched[c.method]["chosen"]) for c in cfgs]
     held = task.heldout[:eval_examples]
     digest = eval_digest(held)
     commit = record.git_state()["git_commit"]  # runs of other code are not resumed: they measure again
@@ -163,10 +164,11 @@ def run(cfgs: list[RunConfig], task: Task, eval_examples: int, seeds: int, out: 
                 if runs_file is not None:
                     record.append(runs_file, r)
             results[cfg.method].append(r)
-    return records(cfgs, task, held, results)
+    return records(cfgs, task, held, results, searched)
 
 
-def records(cfgs: list[RunConfig], task: Task, held: list[Example], results: dict[str, list[dict]]) -> list[dict]:
+def records(cfgs: list[RunConfig], task: Task, held: list[Example], results: dict[str, list[dict]],
+            searched: dict[str, dict] | None = None) -> list[dict]:
     from bench.measuring import record
 
     scores = {m: [r["tuned"] for r in rs] for m, rs in results.items()}
@@ -208,6 +210,8 @@ def records(cfgs: list[RunConfig], task: Task, held: list[Example], results: dic
             "collapsed_elsewhere": sorted({f["seed"] for m, fs in failed.items() if m != cfg.method for f in fs}),
             **baseline,
         }
+        if (searched or {}).get(cfg.method):
+            quality["lr_search"] = searched[cfg.method]
         if cfg.method == "qlora" and "gap" in boot:
             quality["gap_to_lora"] = boot["gap"]
         if without:
@@ -238,6 +242,8 @@ def rescore(out: Path, log=print) -> list[dict]:
     runs_file = out / "quality-runs.jsonl"
     if not runs_file.is_file():
         raise ConfigError(f"no {runs_file}: nothing to rescore (a quality run with --out writes it)")
+    results_file = out / "results.jsonl"  # the learning-rate search of each record it replaces is kept
+    earlier = {record_key(r): r for r in record.read(results_file)} if results_file.is_file() else {}
     groups: dict[tuple, dict[str, dict[int, dict]]] = {}
     for r in record.read_objects(runs_file):
         seedless = {**r["config"], "seed": 0}
@@ -258,7 +264,10 @@ def rescore(out: Path, log=print) -> list[dict]:
             cfgs.append(cfg)
         cfgs.sort(key=lambda c: METHODS.index(c.method))
         log(f"{name}: {', '.join(f'{c.method} x {len(results[c.method])} seed(s)' for c in cfgs)}")
-        new += records(cfgs, task, held, results)
+        searched = {c.method: earlier[k]["quality"]["lr_search"] for c in cfgs
+                    if (k := run_key(c.to_dict(), task=name, heldout=digest)) in earlier
+                    and earlier[k]["quality"].get("lr_search")}
+        new += records(cfgs, task, held, results, searched)
     save(out, new)
     return new
 
@@ -288,112 +297,3 @@ def save(out: Path, new: list[dict]) -> None:
     kept = [r for r in old if record_key(r) not in keys] + new
     record.write_atomic(path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in kept))
     record.write_atomic(out / "summary.md", render_quality.markdown(kept))
-
-
-# ---- what to run: from the CLI or a plan's [[quality]] table -----------------------------------------------
-
-
-
-@dataclass(frozen=True)
-class QualityPlan:
-    configs: list[RunConfig]
-    task: Task
-    eval_examples: int
-    seeds: int
-
-
-def parse_lr(value, methods: list[str]) -> dict[str, float]:
-    """One learning rate for every method, or per method ("full=2e-5,lora=2e-4" or a table); the documented
-    defaults (qlora.config.default_lr) for the rest."""
-    from qlora.config import ConfigError, default_lr
-
-    out = {m: default_lr(m) for m in methods}
-    if value is None:
-        return out
-    try:
-        if isinstance(value, (int, float)) or (isinstance(value, str) and "=" not in value):
-            out = dict.fromkeys(methods, float(value))
-        else:
-            pairs = value.items() if isinstance(value, dict) else (p.partition("=")[::2] for p in value.split(","))
-            for m, v in pairs:
-                if m.strip() not in METHODS:
-                    raise ValueError(f"unknown method {m.strip()!r}")
-                out[m.strip()] = float(v)
-    except (ValueError, TypeError, AttributeError) as e:
-        hint = "give a number or method=number pairs, e.g. full=2e-5,lora=2e-4"
-        raise ConfigError(f"--lr {value!r}: {hint} ({e})") from None
-    if not all(v > 0 for v in out.values()):
-        raise ConfigError(f"--lr {value!r}: learning rates must be > 0")
-    return out
-
-
-def prepare(spec: dict, device: str) -> QualityPlan:
-    """Check a quality spec (CLI options or a plan's [[quality]] table) before anything runs. Raises ConfigError
-    naming the bad value."""
-    from qlora import models, tasks
-    from qlora.config import ConfigError
-
-    # The keys were checked where the spec was written: the plan file (bench.running.plan) or the CLI's options.
-    if "model" not in spec:
-        raise ConfigError("a quality run needs a model")
-    methods = spec.get("methods", "all")
-    methods = METHODS if methods == "all" else methods
-    methods = [m.strip() for m in (methods.split(",") if isinstance(methods, str) else methods) if m.strip()]
-    bad = [m for m in methods if m not in METHODS]
-    if bad or not methods or len(set(methods)) != len(methods):
-        raise ConfigError(f"methods {spec.get('methods')!r}: a list of distinct full, lora, qlora"
-                          + (f" (unknown: {bad[0]!r})" if bad else ""))
-    setting = SETTINGS.get(spec.get("setting", "quick"))
-    if setting is None:
-        raise ConfigError(f"setting {spec['setting']!r}: one of {', '.join(SETTINGS)}")
-    opts = {k: spec.get(k, v) for k, v in setting.items()}
-    for k, least in (("steps", 2), ("seeds", 1), ("eval_examples", 1), ("batch_size", 1), ("seq_len", 8)):
-        if type(opts[k]) is not int or opts[k] < least:
-            raise ConfigError(f"--{k.replace('_', '-')} must be an integer >= {least}, got {opts[k]!r}")
-    lrs = parse_lr(spec.get("lr"), methods)
-    source = models.resolve(spec["model"])
-    if source.kind == "hub":
-        raise ConfigError(f"model {spec['model']!r} is a hub id; quality runs need local weights with a tokenizer: "
-                          "smollm2-135m-instruct, or a directory of safetensors (download the model to one first)")
-    if source.kind not in ("pretrained", "weights-dir"):
-        raise ConfigError(f"model {spec['model']!r} has random weights; quality runs need a pretrained model with a "
-                          "tokenizer (smollm2-135m-instruct, or a directory of safetensors)")
-    if spec.get("task") and spec.get("data"):
-        raise ConfigError("give --task or --data, not both")
-    if spec.get("eval_data") and not spec.get("data"):
-        raise ConfigError("--eval-data goes with --data")
-    if spec.get("data"):
-        task = tasks.user_task(spec["data"], spec.get("eval_data"))
-    else:
-        task = tasks.load_task(spec.get("task") or "sentiment")
-    r = spec.get("lora_r", RunConfig().lora_r)
-    cfgs = [RunConfig(model=spec["model"], method=m, lr=lrs[m], precision=spec.get("precision", "mixed"),
-                      lora_r=r, lora_alpha=2 * r if isinstance(r, int) else r, batch_size=opts["batch_size"],
-                      seq_len=opts["seq_len"], steps=opts["steps"], seed=spec.get("seed", 0), device=device)
-            for m in methods]
-    from qlora.preflight import preflight
-
-    cfgs = [preflight(c) for c in cfgs]  # the device, the sequence length and the rank, before any training
-    if spec.get("data"):
-        check_examples(task, cfgs[0])
-    return QualityPlan(cfgs, task, opts["eval_examples"], opts["seeds"])
-
-
-def check_examples(task: Task, cfg: RunConfig) -> None:
-    """Every user example has a token to predict once tokenised (a one-token text has none: nothing to train on or
-    score). Raises ConfigError naming the example; checked before any training, not after it."""
-    from transformers import AutoTokenizer
-
-    from qlora import models
-    from qlora.config import ConfigError
-    from qlora.scoring import IGNORE, encode
-
-    source = models.resolve(cfg.model)
-    path = models.smollm2_dir() if source.kind == "pretrained" else source.path
-    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
-    for side, examples in (("training", task.train), ("held-out", task.heldout)):
-        for i, e in enumerate(examples):
-            enc = encode(tok, e.prompt, e.target, cfg.seq_len, None if e.kind == "text" else tok.eos_token_id)
-            if not any(label != IGNORE for label in enc.labels[1:]):  # the first token is never predicted
-                raise ConfigError(f"{side} example {i + 1} ({e.target[:40]!r}) has no token to predict after "
-                                  f"tokenising; a text example needs at least two tokens")
