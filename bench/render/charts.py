@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from bench.modelling import gpus  # noqa: E402 - the card catalog (names and sizes), not the estimator
 from bench.render import fmt  # noqa: E402
-from bench.render.claims import FOLK_QUALITY  # noqa: E402
+from bench.render.quality_claims import FOLK_QUALITY  # noqa: E402
 from bench.render.select import (  # noqa: E402
     Estimates,
     method_groups,

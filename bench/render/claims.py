@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from bench.render import cards, fmt, matrix, quality_claims
 
-FOLK_QUALITY = quality_claims.FOLK_QUALITY
 COLUMN_TITLES = {"seed": "seed (pure bf16)", "mixed": "mixed (fp32 masters)", "peft": "peft-lora / peft-qlora"}
 
 

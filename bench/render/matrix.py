@@ -328,12 +328,12 @@ def both(pool: Pool, recipe: str, method: str, **want) -> tuple:
 
 
 def pair_rows(pool: Pool) -> list[dict]:
-    half = [pair_cell(q, q if q != "peft-qlora" else "peft", 0.5, "x", both(pool, q, "qlora"), both(pool, lo, "lora"),
+    half = [pair_cell(q, Case(q).column, 0.5, "x", both(pool, q, "qlora"), both(pool, lo, "lora"),
                       lambda x, y: x["bytes"]["peak"] / y["bytes"]["peak"])
             for q, lo in (("seed", "seed"), ("mixed", "mixed"), ("peft-qlora", "peft-lora"))]
     for c in half:
         c["recipe"] = {"peft-qlora": "peft-qlora / peft-lora"}.get(c["recipe"], c["recipe"])
-    dq = [pair_cell(r, "peft" if r.startswith("peft") else r, 0.4e9, "GB", both(pool, r, "qlora", double_quant=False),
+    dq = [pair_cell(r, Case(r).column, 0.4e9, "GB", both(pool, r, "qlora", double_quant=False),
                     both(pool, r, "qlora"), lambda x, y: x["bytes"]["quant_state"] - y["bytes"]["quant_state"])
           for r in ("seed", "peft-qlora")]
     rows = []

@@ -155,6 +155,8 @@ def gpu_records_below(folder: Path) -> bool:
         except OSError:
             continue
         for line in lines:
+            if '"cuda"' not in line:  # no record of a CUDA device on this line: nothing to parse
+                continue
             try:
                 r = json.loads(line)
             except ValueError:

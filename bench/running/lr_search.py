@@ -81,7 +81,7 @@ def search(cfg: RunConfig, task: Task, valid: list[Example], grid: tuple[float, 
                         commit=(r.get("env") or {}).get("git_commit")): r for r in record.read_objects(file)}
     scores = []
     for lr in grid:
-        c = replace(cfg, lr=lr, seed=cfg.seed)
+        c = replace(cfg, lr=lr)
         key = run_key(c.to_dict(), task=task.name, valid=digest, commit=commit)
         r = done.get(key)
         if r is None:
