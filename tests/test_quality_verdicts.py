@@ -56,6 +56,9 @@ def test_a_failed_seed_is_flagged_with_its_reason():
     assert [f["seed"] for f in collapsed(text, {"loss": 4.18, "perplexity": 65.2}, "perplexity",
                                          lambda r: r["s"])] == [1]
     assert diverged([2.0, 2.5]) and not diverged([2.0, 1.0])
+    # one noisy batch is not a divergence: quarters are compared, with 10% of slack
+    noisy = [0.69, 0.60, 0.72, 0.66, 0.70, 0.65, 0.68, 0.70]
+    assert not diverged(noisy) and diverged([0.7, 0.7, 0.8, 0.9, 1.2, 1.5, 2.0, 3.0])
 
 
 @pytest.mark.parametrize("low, high, n, word", [

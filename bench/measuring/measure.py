@@ -38,10 +38,11 @@ def ledgered_step(model, optimizer, batch, device, budget: int | None = None) ->
                     budget)[1]
 
 
-def build_shown(cfg: RunConfig):
-    """qlora.build.build with a bar of the layers built (and quantised) when bars are on: minutes at 7B on CPU."""
+def build_shown(cfg: RunConfig, num_labels: int = 2):
+    """qlora.build.build with a bar of the layers built (and quantised) when bars are on: minutes at 7B on CPU.
+    `num_labels`: an encoder's classes (quality runs)."""
     with progress.bar(None, f"{cfg.method}: building", unit="layer") as shown:
-        return build(cfg, on_layer=shown.at)
+        return build(cfg, on_layer=shown.at, num_labels=num_labels)
 
 
 def measure_once(cfg: RunConfig, budget: int | None = None) -> dict:

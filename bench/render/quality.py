@@ -37,6 +37,8 @@ def markdown(records: list[dict]) -> str:
                   ""]
         if q0.get("caveat"):
             lines += [f"Caveat: {q0['caveat']}.", ""]
+        if q0.get("head"):
+            lines += [f"Head: {q0['head']}.", ""]
         searched = [r for r in rs if r["quality"].get("lr_search")]
         if searched:
             s0 = searched[0]["quality"]["lr_search"]
@@ -74,6 +76,8 @@ def markdown(records: list[dict]) -> str:
                 for r in without) + "."]
         if acc:
             lines += ["", _resolution(rs), "",
+                      "Loss is the cross-entropy of the right class (a classifier's perplexity is exp of it)."
+                      if q0.get("head") else
                       "Loss and perplexity are on the answer and the end-of-sequence token after it, as trained; the "
                       "untrained bases do not expect the answer to end there, hence their large loss."]
         lines.append("")

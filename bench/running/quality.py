@@ -24,13 +24,18 @@ from bench import progress
 from bench.render import quality as render_quality
 from bench.running.quality_stats import bootstrap, collapsed
 from bench.schema import METHODS, run_key
+from qlora import models
 from qlora.config import RunConfig
-from qlora.scoring import IGNORE, collate, schedule, score, summarise, training_pairs
+from qlora.scoring import Head, schedule, summarise
 from qlora.tasks import Example, Task
 
 Q4_1_CAVEAT = ("the packaged SmolLM2-135M-Instruct went through GGUF Q4_1 before it was converted: its "
                "'full precision' weights are dequantised 4-bit weights, so QLoRA's NF4 is a second quantisation "
                "and costs more here than on genuine 16-bit weights; compare base and 4-bit base")
+
+CLASSIFIER_HEAD = ("a sequence classifier: the encoder reads the prompt, a new head (pooler and classifier, seeded "
+                   "by the run's seed) predicts the answer and is trained in full in every method; the base is the "
+                   "untrained head")
 
 
 # ---- the runs --------------------------------------------------------------------------------------------------
@@ -46,12 +51,13 @@ def train_and_score(cfg: RunConfig, task: Task, eval_examples: list[Example], *,
     from qlora.optim import make_optimizer
     from qlora.train import timed_steps
 
-    built = build_shown(cfg)
+    classifier = models.is_encoder(models.hf_config(models.resolve(cfg.model), cfg.layers))
+    built = build_shown(cfg, num_labels=len(task.train[0].choices) if classifier else 2)
     model, tok = built.model, built.tokenizer
     if tok is None:
         raise ValueError(f"model {cfg.model} has no tokenizer: quality runs need a pretrained model")
     eos = tok.eos_token_id
-    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+    head = Head(classifier, tok, cfg.seq_len, eos, tok.pad_token_id if tok.pad_token_id is not None else eos)
     device = next(model.parameters()).device
     # The environment (git commit and dirty flag included) as the run starts: what produced the numbers.
     result = {"config": cfg.to_dict(), "trainable_parameters": count_trainable(model),
@@ -59,20 +65,20 @@ def train_and_score(cfg: RunConfig, task: Task, eval_examples: list[Example], *,
 
     def scored(what: str) -> dict:
         with progress.bar(len(eval_examples), f"{cfg.method}: scoring {what}", unit="seq") as shown:
-            return score(model, tok, eval_examples, cfg.seq_len, eos, pad, on_batch=shown.update)
+            return head.score(model, eval_examples, on_batch=shown.update)
 
     if with_base:
         t0 = time.perf_counter()
         result["base"] = scored("the base")
         log(f"  {cfg.method} base scored in {time.perf_counter() - t0:.0f} s")
-    pairs = training_pairs(tok, task.train, cfg.seq_len, eos)
+    pairs = head.pairs(task.train)
     steps = schedule(len(pairs), cfg.steps, cfg.batch_size, cfg.seed)
     targets = []
 
     def batches():  # collated as each step comes, as a training loop over a dataset would
         for idx in steps:
-            batch = collate([pairs[j] for j in idx], pad)
-            targets.append(int((batch["labels"] != IGNORE).sum()))
+            batch = head.collate([pairs[j] for j in idx])
+            targets.append(head.target_tokens(batch))
             yield batch
 
     optimizer = make_optimizer(cfg, model)
@@ -221,6 +227,8 @@ def records(cfgs: list[RunConfig], task: Task, held: list[Example], results: dic
                                                and "gap" in without else {})}
         if cfg.model == "smollm2-135m-instruct":
             quality["caveat"] = Q4_1_CAVEAT
+        if models.is_encoder(models.hf_config(models.resolve(cfg.model))):
+            quality["head"] = CLASSIFIER_HEAD
         step = statistics.median(r["step_seconds"] for r in rs)
         tokens_per_step = rs[0]["tokens"] / cfg.steps
         out.append(record.make(cfg.to_dict(), source="measured", status="ok", bytes_=rs[0].get("bytes"),

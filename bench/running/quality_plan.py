@@ -99,6 +99,8 @@ def prepare(spec: dict, device: str) -> QualityPlan:
         task = tasks.user_task(spec["data"], spec.get("eval_data"))
     else:
         task = tasks.load_task(spec.get("task") or "sentiment")
+    if models.is_encoder(models.hf_config(source)):
+        check_classes(task, spec["model"])
     r = spec.get("lora_r", RunConfig().lora_r)
     cfgs = [RunConfig(model=spec["model"], method=m, lr=lrs[m], precision=spec.get("precision", "mixed"),
                       lora_r=r, lora_alpha=2 * r if isinstance(r, int) else r, batch_size=opts["batch_size"],
@@ -106,7 +108,8 @@ def prepare(spec: dict, device: str) -> QualityPlan:
             for m in methods]
     from qlora.preflight import preflight
 
-    cfgs = [preflight(c) for c in cfgs]  # the device, the sequence length and the rank, before any training
+    # the device, the sequence length and the rank, before any training
+    cfgs = [preflight(c, classifier=True) for c in cfgs]
     if spec.get("data"):
         check_examples(task, cfgs[0])
     if grid:
@@ -114,6 +117,22 @@ def prepare(spec: dict, device: str) -> QualityPlan:
 
         carve(task)  # a training set too small to carve a validation split from fails here, not after training
     return QualityPlan(cfgs, task, opts["eval_examples"], opts["seeds"], grid)
+
+
+def check_classes(task: Task, model: str) -> None:
+    """A sequence classifier's task: choice examples that all offer the same choices (its classes). Raises
+    ConfigError naming the model and what the task is instead."""
+    from qlora.config import ConfigError
+
+    kinds = {e.kind for e in task.train + task.heldout}
+    if kinds != {"choice"}:
+        raise ConfigError(f"model {model!r} is a sequence classifier: it trains on choice tasks (sentiment, party, "
+                          f"or --data of prompt/choices/answer), and {task.name} holds {'/'.join(sorted(kinds))} "
+                          "examples")
+    classes = {e.choices for e in task.train + task.heldout}
+    if len(classes) > 1:
+        raise ConfigError(f"model {model!r} is a sequence classifier: every example of {task.name} must offer the "
+                          f"same choices (its classes), but it has {len(classes)} different sets")
 
 
 def check_examples(task: Task, cfg: RunConfig) -> None:
@@ -126,7 +145,7 @@ def check_examples(task: Task, cfg: RunConfig) -> None:
     from qlora.scoring import IGNORE, encode
 
     source = models.resolve(cfg.model)
-    path = models.smollm2_dir() if source.kind == "pretrained" else source.path
+    path = models.weights_dir(source)
     tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     for side, examples in (("training", task.train), ("held-out", task.heldout)):
         for i, e in enumerate(examples):

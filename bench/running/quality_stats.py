@@ -73,9 +73,16 @@ def bootstrap(method_scores: dict[str, list[dict]], metric: str, reference: str 
     return out
 
 
+DIVERGED_RISE = 1.10  # the last quarter's mean loss this far above the first quarter's: the loss went up, not down
+
+
 def diverged(losses: list[float]) -> bool:
-    """A training loss that is not finite, or that ends above where it started."""
-    return not losses or any(not math.isfinite(x) for x in losses) or losses[-1] > losses[0]
+    """A training loss that is not finite, or whose last quarter of steps averages more than 10% above its first
+    quarter (one step's loss is one batch's, too noisy to compare alone)."""
+    if not losses or any(not math.isfinite(x) for x in losses):
+        return True
+    q = max(1, len(losses) // 4)
+    return sum(losses[-q:]) / q > DIVERGED_RISE * sum(losses[:q]) / q
 
 
 def collapsed(runs: list[dict], base: dict | None, metric: str, summary_of) -> list[dict]:
