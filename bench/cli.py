@@ -23,8 +23,9 @@ from bench.options import (
     default_device,
 )
 from bench.render.console import print_estimates, print_record
+from bench.running import quality_cli
 from bench.schema import GiB
-from qlora.config import ConfigError, RunConfig
+from qlora.config import ConfigError
 
 
 def cmd_models(args) -> int:
@@ -186,43 +187,6 @@ def cmd_compare(args) -> int:
     return 3 if any(r.problems for r in rows) else 0
 
 
-def cmd_quality(args) -> int:
-    from pathlib import Path
-
-    from bench.render import quality as render_quality
-    from bench.running import quality, quality_plan
-    from bench.running.plan import SPEC_KEYS
-
-    check_out_dir(args.out)
-    spec = {k: getattr(args, k) for k in SPEC_KEYS if getattr(args, k, None) is not None}
-    plan = quality_plan.prepare(spec, args.device or default_device())
-    if plan.eval_examples > len(plan.task.heldout):
-        print(f"qlora-bench: {plan.task.name} has {len(plan.task.heldout)} held-out examples; scoring all of them",
-              file=sys.stderr)
-    out = Path(args.out) if args.out else None
-    log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
-    records = quality.run(plan.configs, plan.task, plan.eval_examples, plan.seeds, out, log=log, lr_grid=plan.lr_grid)
-    if out is not None:
-        quality.save(out, records)
-    if args.json:
-        for r in records:
-            print(json.dumps(r, allow_nan=False))
-    else:
-        print(render_quality.markdown(records), end="")
-    return 0
-
-
-def cmd_rescore(args) -> int:
-    from pathlib import Path
-
-    from bench.render import quality as render_quality
-    from bench.running import quality
-
-    records = quality.rescore(Path(args.out), log=lambda line: print(line, file=sys.stderr, flush=True))
-    print(render_quality.markdown(records), end="")
-    return 0
-
-
 def cmd_report(args) -> int:
     from pathlib import Path
 
@@ -315,39 +279,7 @@ def parser() -> Parser:
     cp.add_argument("--time-threshold", type=float, default=0.15, help="relative slow-down that fails (default 0.15)")
     cp.add_argument("--markdown", help="also write the Markdown to this file (e.g. for a CI job summary)")
     cp.set_defaults(func=cmd_compare)
-    q = sub.add_parser("quality", help="same-budget fine-tunes per method from one base, scored on held-out data")
-    q.add_argument("model", help="a pretrained model: smollm2-135m-instruct, all-minilm-l6-v2 (an fp32 encoder, "
-                   "trained as a sequence classifier on choice tasks), or a directory of safetensors")
-    q.add_argument("--method", "--methods", dest="methods",
-                   help="comma-separated methods, or all (the default: full,lora,qlora)")
-    q.add_argument("--task", help="built-in task: shakespeare, sentiment, party or support (default: sentiment)")
-    q.add_argument("--data", help="JSONL of {text} | {prompt, completion} | {prompt, choices, answer} examples")
-    q.add_argument("--eval-data", help="held-out JSONL for --data (default: a stable 20%% of --data)")
-    q.add_argument("--setting", help="quick (the default: 1 seed, 40 steps, 200 held-out examples; minutes on CPU), "
-                   "long (3 seeds, 100 steps, 1000 held-out; about an hour on CPU) or gpu (3 seeds, 500 steps of 16, "
-                   "2000 held-out)")
-    q.add_argument("--steps", type=int, help="training steps per method and seed (overrides the setting)")
-    q.add_argument("--seeds", type=int, help="seeds per method (overrides the setting)")
-    q.add_argument("--eval-examples", type=int, help="held-out examples to score (overrides the setting)")
-    q.add_argument("--batch-size", type=int, help="examples per step (overrides the setting)")
-    q.add_argument("--seq-len", type=int, help="tokens per example at most (overrides the setting)")
-    q.add_argument("--lr", help="learning rate, or per method: full=2e-5,lora=2e-4,qlora=2e-4 (the defaults)")
-    q.add_argument("--lr-grid", help="choose each method's rate first, on a validation split carved from the training "
-                   "examples (never the held-out ones): 'default' (full 1e-5:2e-5:5e-5, lora and qlora "
-                   "1e-4:2e-4:5e-4) or method=rate:rate:rate pairs")
-    q.add_argument("--precision", help="mixed (the default: bf16 model, fp32 master weights), bf16 or fp32; pure "
-                   "bf16 rounds away most of Full FT's updates at its learning rate")
-    q.add_argument("--lora-r", type=int, help=f"LoRA rank (default {RunConfig().lora_r}; alpha = 2r)")
-    q.add_argument("--seed", type=int, help="first seed (default 0)")
-    q.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
-    q.add_argument("--out", help="directory: results.jsonl (a record per method), quality-runs.jsonl, summary.md")
-    q.add_argument("--json", action="store_true", help="print one result record per method")
-    add_quiet(q)
-    q.set_defaults(func=cmd_quality)
-    rs = sub.add_parser("rescore", help="a quality folder's records made again from its per-example scores "
-                        "(OUT/quality-runs.jsonl), without training: after a change to the statistics")
-    rs.add_argument("out", help="the folder a quality run wrote (--out), e.g. reports/quality/NAME")
-    rs.set_defaults(func=cmd_rescore)
+    quality_cli.add_parsers(sub)
     rp = sub.add_parser("report", help="tables, charts and the claims verdicts from result records (runs nothing)")
     rp.add_argument("results", nargs="+", help="JSONL files of result records, or folders of them")
     rp.add_argument("--out", required=True,

@@ -89,7 +89,9 @@ def markdown(rows: list[dict], records: list[dict] = ()) -> str:
             also = f" Also: {r['also']}." if r.get("also") else ""
             lines.append(f"| {r['claim']} | {r['setting']} | {r['claimed']} | {r['ours']} | **{r['verdict']}** | "
                          f"{r['true_when'].rstrip('.')}.{also} | {r['source']} ({', '.join(r['records'])}) |")
-    return "\n".join(lines) + "\n"
+        lines.append("")
+    lines += quality_claims.nf4_cost_lines(records)
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def summary_lines(rows: list[dict]) -> list[str]:
@@ -102,6 +104,6 @@ def summary_lines(rows: list[dict]) -> list[str]:
             ours = f", ours {first['ours']} ({first['recipe']}, {first['source'].split(' (')[0]})" if short else ""
             out.append(f"- {r['claim']}: claimed {r['claimed']}{ours}: **{r['verdict']}**")
         else:
-            out.append(f"- {r['claim']} ({r['id'].rsplit('-', 1)[-1]}): claimed {r['claimed']}, ours {r['ours']}: "
+            out.append(f"- {r['claim']} ({r['where']}): claimed {r['claimed']}, ours {r['ours']}: "
                        f"**{r['verdict']}**")
     return out

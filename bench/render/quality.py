@@ -45,7 +45,7 @@ def markdown(records: list[dict]) -> str:
             lines += [f"Learning rates chosen on {s0['validation_examples']} validation examples carved from the "
                       f"training set (seed {s0['seed']}, never the held-out examples; score: "
                       f"{'accuracy' if s0['metric'] == 'accuracy' else 'exp(-loss)'}): " + "; ".join(
-                          f"{r['config']['method']} {r['quality']['lr_search']['chosen']:g} (" + ", ".join(
+                          f"{r['config']['method']} {r['quality']['lr_search']['chosen']:g}{_edge(r)} (" + ", ".join(
                               f"{lr:g}: {sc:.4f}" for lr, sc in zip(r["quality"]["lr_search"]["grid"],
                                                                      r["quality"]["lr_search"]["scores"], strict=True))
                           + ")" for r in searched) + ".", ""]
@@ -87,6 +87,19 @@ def markdown(records: list[dict]) -> str:
 def _failed(q: dict) -> str:
     own = [f"{f['seed']} ({f['why']})" for f in q.get("collapsed") or []]
     return "; ".join(own) or ("—" if "collapsed" in q else "not checked")
+
+
+def edge(search: dict) -> str | None:
+    """"lowest" or "highest" when a learning-rate search chose an end of its grid, else None."""
+    if search["chosen"] == min(search["grid"]):
+        return "lowest"
+    return "highest" if search["chosen"] == max(search["grid"]) else None
+
+
+def _edge(r: dict) -> str:
+    """A chosen rate at an end of its grid, said: a rate beyond the grid might have done better."""
+    at = edge(r["quality"]["lr_search"])
+    return f", the grid's {at}: a rate beyond it might do better" if at else ""
 
 
 def _resolution(rs: list[dict]) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 
+from bench.render.quality import edge
 from bench.render.select import quality_sets
 
 FOLK_QUALITY = {"lora": 0.97, "qlora": 0.95}  # the share of Full FT's quality each method is said to keep
@@ -56,28 +57,45 @@ def failed_text(q: dict) -> str:
 
 def setting(r: dict) -> str:
     q, c = r["quality"], r["config"]
+    search = q.get("lr_search")
+    chosen = ""
+    if search:
+        at = edge(search)
+        chosen = (f", chosen on {search['validation_examples']} validation examples from "
+                  f"{', '.join(f'{x:g}' for x in search['grid'])}" + (f", the grid's {at}" if at else ""))
     return (f"{c['model']}; task {q['task']} ({q['metric']}); {q['train']['steps']} steps x {q['train']['batch_size']};"
             f" {q['eval_examples']} held-out; seeds {q['seeds']}; {c['precision']}; LoRA r={c['lora_r']}; lr "
-            f"{q['train']['lr']:g} (measured)")
+            f"{q['train']['lr']:g}{chosen} (measured)")
 
 
-def judged_sets(records: list[dict]) -> dict[str, dict[str, dict]]:
-    """Per task, the largest evaluation (held-out examples x seeds) with a Full FT record."""
-    by_task: dict[str, dict[str, dict]] = {}
+def judged_sets(records: list[dict]) -> dict[tuple[str, str], dict[str, dict]]:
+    """Per (model, task), the largest evaluation (held-out examples x seeds) with a Full FT record."""
+    by_task: dict[tuple[str, str], dict[str, dict]] = {}
     for (task, _, _), rs in quality_sets(records).items():
-        if not any(r["config"]["method"] == "full" for r in rs):
-            continue
-        q = rs[0]["quality"]
-        size = q["eval_examples"] * len(q["seeds"])
-        best = by_task.get(task)
-        if best is None or size > best["full"]["quality"]["eval_examples"] * len(best["full"]["quality"]["seeds"]):
-            by_task[task] = {r["config"]["method"]: r for r in rs}
+        for model in dict.fromkeys(r["config"]["model"] for r in rs):
+            mine = [r for r in rs if r["config"]["model"] == model]
+            if not any(r["config"]["method"] == "full" for r in mine):
+                continue
+            q = mine[0]["quality"]
+            size = q["eval_examples"] * len(q["seeds"])
+            best = by_task.get((model, task))
+            if best is None or size > best["full"]["quality"]["eval_examples"] * len(best["full"]["quality"]["seeds"]):
+                by_task[(model, task)] = {r["config"]["method"]: r for r in mine}
     return by_task
+
+
+def weights_note(q: dict) -> str | None:
+    """What the model's weights are: the Q4_1 caveat, or a genuine-precision classifier's head."""
+    if q.get("caveat"):
+        return "twice quantised: " + q["caveat"]
+    if q.get("head"):
+        return "genuine fp32 weights, so NF4 is a first quantisation; " + q["head"]
+    return None
 
 
 def rows(records: list[dict]) -> list[dict]:
     out = []
-    for task, rs in judged_sets(records).items():
+    for (model, task), rs in judged_sets(records).items():
         for method, claimed in FOLK_QUALITY.items():
             r = rs.get(method)
             if r is None or not r["quality"].get("relative"):
@@ -91,13 +109,13 @@ def rows(records: list[dict]) -> list[dict]:
                 w, k = without["relative"], len(without["seeds"])
                 verdict += (f"; without the failed seed(s) ({k} seeds): {interval_text(w)}, "
                             f"{judge(w['ci_low'], w['ci_high'], claimed, TOLERANCE, k)}")
-            out.append({"id": f"quality-{method}-{task}",
+            out.append({"id": f"quality-{method}-{task}-{model}", "where": f"{model}, {task}",
                         "claim": f"{method} keeps ~{claimed:.0%} of Full FT's quality",
                         "setting": setting(r), "claimed": f"{claimed:.2f}",
                         "ours": f"relative {interval_text(rel)}; gain share {interval_text(q.get('gain_share'))}",
                         "error": round(rel["value"] / claimed - 1, 4), "source": "measured",
                         "records": [r["id"], rs["full"]["id"]], "verdict": verdict,
-                        "also": "; ".join(x for x in (("failed runs: " + failed) if failed else "", q.get("caveat"))
+                        "also": "; ".join(x for x in (("failed runs: " + failed) if failed else "", weights_note(q))
                                           if x) or None,
                         "true_when": "judged on relative quality (score over Full FT's) on this task, model and budget "
                                      "only; the gain share is the share of Full FT's gain over the untrained base"})
@@ -116,10 +134,37 @@ def rows(records: list[dict]) -> list[dict]:
                 need = seeds_to_separate(hw, n, GAP_POINTS / 2)
                 more = f"; about {need} seeds would narrow it to ±1 point" if need and need > n else ""
                 verdict = f"inconclusive at this scale (±{hw:.2g} points with {n} seeds{more})"
-            out.append({"id": f"quality-qlora-gap-{task}", "claim": "QLoRA is only ~2 points below LoRA",
+            out.append({"id": f"quality-qlora-gap-{task}-{model}", "where": f"{model}, {task}",
+                        "claim": "QLoRA is only ~2 points below LoRA",
                         "setting": setting(qlora), "claimed": "2 points",
                         "ours": f"{interval_text(gap, 1)} points (LoRA minus QLoRA, paired)", "error": None,
                         "source": "measured", "records": [rs["lora"]["id"], qlora["id"]], "verdict": verdict,
-                        "also": qlora["quality"].get("caveat"),
+                        "also": weights_note(qlora["quality"]),
                         "true_when": "a bound: an interval wholly at or below 2 points supports it"})
     return out
+
+
+def nf4_cost_lines(records: list[dict]) -> list[str]:
+    """The table of what NF4 costs each model before training (the `nf4_cost` records), or nothing."""
+    costs = [r for r in records if r.get("nf4_cost")]
+    if not costs:
+        return []
+    lines = ["## NF4 before training", "",
+             "What NF4 (double quantisation, bf16 compute: QLoRA's base) costs each model's own weights before any "
+             "training, against the checkpoint in fp32, measured the same way on every model; bf16 rounding (LoRA's "
+             "base) beside it for scale. *Values per block*: the median number of distinct values among 32 "
+             "consecutive weights of the quantised layers: 32 for weights never quantised, at most 16 for weights "
+             "on a 4-bit grid (GGUF Q4_1's blocks are 32).", "",
+             "| model | quantised layers | values per block | weight error NF4 (bf16) | last hidden state error NF4 "
+             "(bf16) | next-token loss fp32 → NF4 | prompts | record |", "|---|---|---|---|---|---|---|---|"]
+    for r in costs:
+        c = r["nf4_cost"]
+        w, h = c["weight_error"], c["hidden_error"]
+        loss = (f"{c['loss']['fp32']:.3f} → {c['loss']['nf4']:.3f} nats (+{c['loss']['nf4_increase']:.3f})"
+                if "loss" in c else "n/a (an encoder: no language-model head)")
+        lines.append(f"| {r['config']['model']} | {c['quantised_layers']} ({c['quantised_parameters']:,} weights) | "
+                     f"{c['grid_levels']:g} of {c['grid_block']} | {w['nf4']:.2%} ({w['bf16']:.2%}) | "
+                     f"{h['nf4']:.2%} ({h['bf16']:.2%}) | {loss} | {c['examples']} held-out {c['task']} "
+                     f"({c['tokens']:,} tokens) | {r['id']} |")
+    return lines + ["", "Errors are relative Frobenius norms, ||x - x_fp32|| / ||x_fp32||, over all quantised layers "
+                    "(weights) or every real token (hidden states). Measured on CPU (`qlora-bench nf4-cost`).", ""]

@@ -25,8 +25,9 @@ from bench.render.tables import rows, to_csv, to_markdown
 from bench.schema import SOURCES, device_name
 
 DERIVED = "derived-estimates.jsonl"  # what `qlora-bench derive` writes beside a bench's results
-# Per-seed raw scores (summarised in the quality records); results-*.jsonl are earlier results set aside by --fresh.
-IGNORED_FILES = ("quality-runs.jsonl",)
+# Per-seed raw scores and learning-rate searches (summarised in the quality records); results-*.jsonl are earlier
+# results set aside by --fresh.
+IGNORED_FILES = ("quality-runs.jsonl", "lr-search.jsonl")
 
 
 def load(paths: list[str | Path]) -> list[dict]:
@@ -70,7 +71,7 @@ def build(records: list[dict], out: Path, inputs: list[str]) -> list[str]:
     table lists the runs and the estimates asked for; estimates derived for them (`purpose`) are read, not listed."""
     out.mkdir(parents=True, exist_ok=True)
     estimates = Estimates(records)
-    listed = [r for r in records if not r.get("purpose") and not r.get("fit")]
+    listed = [r for r in records if not r.get("purpose") and not r.get("fit") and not r.get("nf4_cost")]
     table = rows(listed, estimates)
     write(out, "runs.csv", to_csv(table))
     write(out, "runs.md", "# Runs\n\n" + to_markdown(table))

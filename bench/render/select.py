@@ -61,8 +61,9 @@ def template(records: list[dict]) -> dict | None:
 
 
 def runs(records: list[dict]) -> list[dict]:
-    """Measured and extrapolated memory runs that finished (quality runs aside)."""
-    return [r for r in records if r["source"] != "estimated" and r["status"] == "ok" and not r.get("quality")]
+    """Measured and extrapolated memory runs that finished (quality runs and NF4-cost records aside)."""
+    return [r for r in records if r["source"] != "estimated" and r["status"] == "ok" and not r.get("quality")
+            and not r.get("nf4_cost")]
 
 
 def method_groups(records: list[dict]) -> list[tuple[tuple, list[dict]]]:

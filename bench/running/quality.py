@@ -29,9 +29,10 @@ from qlora.config import RunConfig
 from qlora.scoring import Head, schedule, summarise
 from qlora.tasks import Example, Task
 
-Q4_1_CAVEAT = ("the packaged SmolLM2-135M-Instruct went through GGUF Q4_1 before it was converted: its "
-               "'full precision' weights are dequantised 4-bit weights, so QLoRA's NF4 is a second quantisation "
-               "and costs more here than on genuine 16-bit weights; compare base and 4-bit base")
+Q4_1_CAVEAT = ("the packaged SmolLM2-135M-Instruct went through GGUF Q4_1 before it was converted: its fp32 "
+               "weights are dequantised 4-bit weights (at most 16 distinct values in a block of 32), so QLoRA's NF4 "
+               "is a second quantisation, and neither base is the original model; `qlora-bench nf4-cost` measures "
+               "what NF4 costs these weights beside genuine fp32 ones")
 
 CLASSIFIER_HEAD = ("a sequence classifier: the encoder reads the prompt, a new head (pooler and classifier, seeded "
                    "by the run's seed) predicts the answer and is trained in full in every method; the base is the "
