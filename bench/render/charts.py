@@ -167,9 +167,12 @@ def quality(records: list[dict], out: Path) -> list[str]:
     by_task = quality_sets(records)
     if not by_task:
         return []
-    fig, axes = plt.subplots(1, len(by_task), figsize=(max(5.0, 3.8 * len(by_task)), 4.0), squeeze=False,
-                             sharey=True)
-    for ax, ((task, _, _), rs) in zip(axes[0], by_task.items(), strict=True):
+    cols = min(3, len(by_task))
+    rows_ = -(-len(by_task) // cols)
+    fig, axes = plt.subplots(rows_, cols, figsize=(max(5.0, 3.8 * cols), 4.0 * rows_), squeeze=False, sharey=True)
+    for ax in axes.flat[len(by_task):]:
+        ax.set_visible(False)
+    for ax, ((_, task, _, _), rs) in zip(axes.flat, by_task.items(), strict=False):
         q0 = rs[0]["quality"]
         entries = [(r["config"]["method"], r["quality"]["relative"], METHOD_COLOURS[r["config"]["method"]])
                    for r in rs]

@@ -22,14 +22,15 @@ def markdown(records: list[dict]) -> str:
              "*Failed*: a seed whose score ends below the untrained base's, or whose training loss diverged.", ""]
     tasks_seen = []
     for r in records:
-        t = (r["quality"]["task"], r["quality"]["heldout_digest"])
+        t = (r["config"]["model"], r["quality"]["task"], r["quality"]["heldout_digest"])
         if t not in tasks_seen:
             tasks_seen.append(t)
-    for task, digest in tasks_seen:
-        rs = [r for r in records if (r["quality"]["task"], r["quality"]["heldout_digest"]) == (task, digest)]
+    for model, task, digest in tasks_seen:
+        rs = [r for r in records
+              if (r["config"]["model"], r["quality"]["task"], r["quality"]["heldout_digest"]) == (model, task, digest)]
         q0, c0 = rs[0]["quality"], rs[0]["config"]
         acc = q0["metric"] == "accuracy"
-        lines += [f"## {task} ({q0['source']})", "",
+        lines += [f"## {task}, {model} ({q0['source']})", "",
                   f"{c0['model']}; {q0['eval_examples']} held-out examples; seeds {q0['seeds']}; "
                   f"{q0['train']['steps']} steps of {q0['train']['batch_size']} examples "
                   f"({q0['train']['tokens']:,} tokens per method and seed) at seq_len ≤ {c0['seq_len']}; "

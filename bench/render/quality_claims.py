@@ -71,16 +71,14 @@ def setting(r: dict) -> str:
 def judged_sets(records: list[dict]) -> dict[tuple[str, str], dict[str, dict]]:
     """Per (model, task), the largest evaluation (held-out examples x seeds) with a Full FT record."""
     by_task: dict[tuple[str, str], dict[str, dict]] = {}
-    for (task, _, _), rs in quality_sets(records).items():
-        for model in dict.fromkeys(r["config"]["model"] for r in rs):
-            mine = [r for r in rs if r["config"]["model"] == model]
-            if not any(r["config"]["method"] == "full" for r in mine):
-                continue
-            q = mine[0]["quality"]
-            size = q["eval_examples"] * len(q["seeds"])
-            best = by_task.get((model, task))
-            if best is None or size > best["full"]["quality"]["eval_examples"] * len(best["full"]["quality"]["seeds"]):
-                by_task[(model, task)] = {r["config"]["method"]: r for r in mine}
+    for (model, task, _, _), rs in quality_sets(records).items():
+        if not any(r["config"]["method"] == "full" for r in rs):
+            continue
+        q = rs[0]["quality"]
+        size = q["eval_examples"] * len(q["seeds"])
+        best = by_task.get((model, task))
+        if best is None or size > best["full"]["quality"]["eval_examples"] * len(best["full"]["quality"]["seeds"]):
+            by_task[(model, task)] = {r["config"]["method"]: r for r in rs}
     return by_task
 
 

@@ -84,12 +84,13 @@ def method_groups(records: list[dict]) -> list[tuple[tuple, list[dict]]]:
 
 
 def quality_sets(records: list[dict]) -> dict[tuple, list[dict]]:
-    """Quality records with a relative figure, by (task, held-out set, seeds): one panel, one judgement each."""
+    """Quality records with a relative figure, by (model, task, held-out set, seeds): one panel, one judgement
+    each (two models on one task's held-out set are two sets: each method's record is relative to its own Full FT)."""
     out: dict[tuple, list[dict]] = {}
     for r in records:
         q = r.get("quality")
         if q and q.get("relative"):
-            out.setdefault((q["task"], q["heldout_digest"], len(q["seeds"])), []).append(r)
+            out.setdefault((r["config"]["model"], q["task"], q["heldout_digest"], len(q["seeds"])), []).append(r)
     return out
 
 
