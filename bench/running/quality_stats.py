@@ -60,7 +60,9 @@ def bootstrap(method_scores: dict[str, list[dict]], metric: str, reference: str 
     out = {}
     for name in method_scores:
         point, boot = both(name)
-        out[name] = {"score": float(point), "relative": _interval(point / ref_point, boot / ref),
+        with np.errstate(divide="ignore", invalid="ignore"):  # a resample where Full FT scores 0: left out
+            relative = boot / ref
+        out[name] = {"score": float(point), "relative": _interval(point / ref_point, relative),
                      "difference": _interval(point - ref_point, boot - ref, scale, unit=unit)}
         if base_boot is not None and name != base and ref_point != base_point:
             with np.errstate(divide="ignore", invalid="ignore"):
