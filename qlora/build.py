@@ -2,7 +2,8 @@
 
 Full FT trains every parameter; LoRA freezes the base and adds peft adapters; QLoRA is LoRA on a 4-bit base.
 Encoders (models.ENCODER_TYPES, e.g. all-MiniLM-L6-v2) are built as sequence classifiers with `num_labels` classes:
-their head (models.HEAD_MODULES) is new, stays 16-bit, and is trained in every method (PEFT's modules_to_save).
+their head (models.HEAD_MODULES: the checkpoint's pooler, if it has one, and a new classifier) stays 16-bit and is
+trained in every method (PEFT's modules_to_save).
 """
 
 from __future__ import annotations
@@ -147,7 +148,7 @@ def reset_rotary_(model: nn.Module) -> None:
 
 def pretrained_model(source: models.ModelSource, hf_cfg, cfg: RunConfig, device: torch.device):
     """Real weights via transformers (safetensors only, no remote code); 4-bit through BitsAndBytesConfig. An
-    encoder loads as a sequence classifier: its checkpoint's base weights, a new head (seeded by cfg.seed)."""
+    encoder loads as a sequence classifier: its checkpoint's weights, and a new classifier (seeded by cfg.seed)."""
     from transformers import AutoTokenizer
 
     path = str(models.weights_dir(source))

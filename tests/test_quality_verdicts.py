@@ -84,3 +84,24 @@ def test_a_quality_folder_is_rescored_from_its_per_example_scores(tmp_path, caps
     assert qlora["without_collapsed"]["seeds"] == [0, 2] and "gain_share" in qlora and "gap_to_lora" in qlora
     assert "failed seeds" in (tmp_path / "summary.md").read_text()
     assert "below the untrained base" in capsys.readouterr().out
+
+
+def test_rescore_keeps_two_models_on_one_heldout_set_apart(tmp_path):
+    """Two models scored on the same held-out examples (MiniLM and SmolLM2 on sentiment) are two comparisons."""
+    from pathlib import Path
+
+    src = Path(__file__).parent.parent / "reports" / "quality" / "smollm2-135m-instruct-cpu" / "quality-runs.jsonl"
+    runs = [json.loads(x) for x in src.read_text().splitlines() if json.loads(x)["task"] == "sentiment"]
+    other = []
+    for r in runs:  # the same runs under another model, every answer flipped: scores no mix could produce
+        flipped = {**r["tuned"], "correct": [1 - c for c in r["tuned"]["correct"]]}
+        other.append({**r, "config": {**r["config"], "model": "all-minilm-l6-v2"}, "tuned": flipped})
+    (tmp_path / "quality-runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs + other))
+    assert main(["rescore", str(tmp_path)]) == 0
+    recs = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    by = {(r["config"]["model"], r["config"]["method"]): r["quality"] for r in recs}
+    assert len(recs) == 6
+    for method in ("full", "lora", "qlora"):
+        a, b = by[("smollm2-135m-instruct", method)], by[("all-minilm-l6-v2", method)]
+        assert a["accuracy"] == pytest.approx(1 - b["accuracy"])
+        assert "caveat" in a and "head" in b

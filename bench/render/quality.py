@@ -40,6 +40,8 @@ def markdown(records: list[dict]) -> str:
             lines += [f"Caveat: {q0['caveat']}.", ""]
         if q0.get("head"):
             lines += [f"Head: {q0['head']}.", ""]
+        if q0.get("task_note"):
+            lines += [f"Note: {q0['task_note']}.", ""]
         searched = [r for r in rs if r["quality"].get("lr_search")]
         if searched:
             s0 = searched[0]["quality"]["lr_search"]

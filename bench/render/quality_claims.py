@@ -113,8 +113,8 @@ def rows(records: list[dict]) -> list[dict]:
                         "ours": f"relative {interval_text(rel)}; gain share {interval_text(q.get('gain_share'))}",
                         "error": round(rel["value"] / claimed - 1, 4), "source": "measured",
                         "records": [r["id"], rs["full"]["id"]], "verdict": verdict,
-                        "also": "; ".join(x for x in (("failed runs: " + failed) if failed else "", weights_note(q))
-                                          if x) or None,
+                        "also": "; ".join(x for x in (("failed runs: " + failed) if failed else "", weights_note(q),
+                                                      q.get("task_note")) if x) or None,
                         "true_when": "judged on relative quality (score over Full FT's) on this task, model and budget "
                                      "only; the gain share is the share of Full FT's gain over the untrained base"})
         qlora = rs.get("qlora")
@@ -137,7 +137,8 @@ def rows(records: list[dict]) -> list[dict]:
                         "setting": setting(qlora), "claimed": "2 points",
                         "ours": f"{interval_text(gap, 1)} points (LoRA minus QLoRA, paired)", "error": None,
                         "source": "measured", "records": [rs["lora"]["id"], qlora["id"]], "verdict": verdict,
-                        "also": weights_note(qlora["quality"]),
+                        "also": "; ".join(x for x in (weights_note(qlora["quality"]),
+                                                      qlora["quality"].get("task_note")) if x) or None,
                         "true_when": "a bound: an interval wholly at or below 2 points supports it"})
     return out
 

@@ -48,16 +48,34 @@ def parse_grid(value, methods: list[str]) -> dict[str, tuple[float, ...]] | None
 
 def carve(task: Task, most: int = VALIDATION) -> tuple[Task, list[Example]]:
     """(the task with its training examples less the validation split, the split): the examples with the smallest
-    hash of their text, the same on every run, at most a tenth of the training examples. Raises ConfigError when
+    hash of their text, the same on every run, at most a tenth of the training examples; for a task with groups
+    (party's speakers), whole groups in hash order, so no group is on both sides. Raises ConfigError when
     the training set is too small to carve from."""
     n = min(most, len(task.train) // 10)
     if n < 2:
         raise ConfigError(f"{task.name}: {len(task.train)} training examples are too few to carve a validation "
                           "split from (a learning-rate search needs at least 20)")
-    ranked = sorted(range(len(task.train)), key=lambda i: hashlib.sha256(repr(task.train[i]).encode()).hexdigest())
-    chosen = set(ranked[:n])
+
+    def digest(text: str) -> str:
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    if task.train_groups is None:
+        ranked = sorted(range(len(task.train)), key=lambda i: digest(repr(task.train[i])))
+        chosen = set(ranked[:n])
+    else:  # whole groups (party: speakers), in hash order, until the split holds n examples or just under
+        members: dict[str, list[int]] = {}
+        for i, g in enumerate(task.train_groups):
+            members.setdefault(g, []).append(i)
+        chosen = set()
+        for g in sorted(members, key=digest):
+            if len(chosen) + len(members[g]) <= n:
+                chosen.update(members[g])
+        if len(chosen) < 2:
+            raise ConfigError(f"{task.name}: its groups are too large to carve a validation split of at most {n} "
+                              "examples from whole groups")
     valid = [task.train[i] for i in sorted(chosen)]
-    return replace(task, train=[e for i, e in enumerate(task.train) if i not in chosen]), valid
+    groups = None if task.train_groups is None else [g for i, g in enumerate(task.train_groups) if i not in chosen]
+    return replace(task, train=[e for i, e in enumerate(task.train) if i not in chosen], train_groups=groups), valid
 
 
 def score_of(summary: dict, metric: str) -> float:

@@ -11,7 +11,8 @@ so they change nothing). Figures:
 - grid: the median number of distinct values in a block of 32 consecutive fp32 weights of those layers: 32 for
   weights that were never quantised, at most 16 for weights that sit on a 4-bit grid (GGUF Q4_1 blocks are 32);
 - hidden: the last hidden state over the held-out prompts of a task, ||h(NF4) - h(fp32)|| / ||h(fp32)|| over every
-  real token (and for bf16), the same measure for a decoder and an encoder;
+  real token (and for bf16): the same computation on both kinds of model, though not the same quantity (a
+  decoder's is after its final norm, 30 layers deep for SmolLM2; an encoder's is its last layer's output, 6 deep);
 - loss (decoders only): next-token loss of the prompts in nats per token, each build, and NF4's increase.
 
 One record per model (`nf4_cost`), in OUT/nf4-cost.jsonl; a report reads them beside the quality records.

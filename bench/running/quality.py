@@ -34,8 +34,9 @@ Q4_1_CAVEAT = ("the packaged SmolLM2-135M-Instruct went through GGUF Q4_1 before
                "is a second quantisation, and neither base is the original model; `qlora-bench nf4-cost` measures "
                "what NF4 costs these weights beside genuine fp32 ones")
 
-CLASSIFIER_HEAD = ("a sequence classifier: the encoder reads the prompt, a new head (pooler and classifier, seeded "
-                   "by the run's seed) predicts the answer and is trained in full in every method; the base is the "
+CLASSIFIER_HEAD = ("a sequence classifier: the encoder reads the prompt; the head (the checkpoint's pooler, which "
+                   "all-MiniLM-L6-v2's own mean pooling never used, and a new classifier seeded by the run's seed) is "
+                   "16-bit and trained in full in every method, at the method's learning rate; the base is the "
                    "untrained head")
 
 
@@ -226,6 +227,8 @@ def records(cfgs: list[RunConfig], task: Task, held: list[Example], results: dic
             quality["without_collapsed"] = {"seeds": kept, **_relative(without.get(cfg.method)),
                                             **({"gap_to_lora": without["gap"]} if cfg.method == "qlora"
                                                and "gap" in without else {})}
+        if task.note:
+            quality["task_note"] = task.note
         if cfg.model == "smollm2-135m-instruct":
             quality["caveat"] = Q4_1_CAVEAT
         if models.is_encoder(models.hf_config(models.resolve(cfg.model))):
@@ -256,10 +259,10 @@ def rescore(out: Path, log=print) -> list[dict]:
     groups: dict[tuple, dict[str, dict[int, dict]]] = {}
     for r in record.read_objects(runs_file):
         seedless = {**r["config"], "seed": 0}
-        key = (r["task"], r["heldout_digest"])
+        key = (r["config"]["model"], r["task"], r["heldout_digest"])  # two models on one held-out set: two groups
         groups.setdefault(key, {}).setdefault(run_key(seedless), {})[r["config"]["seed"]] = r  # the latest wins
     new = []
-    for (name, digest), by_config in groups.items():
+    for (_, name, digest), by_config in groups.items():
         task = tasks.load_task(name)
         first = next(iter(next(iter(by_config.values())).values()))
         held = task.heldout[:len(first["tuned"]["nll"])]
