@@ -77,7 +77,11 @@ def test_the_search_scores_validation_only_and_the_final_runs_use_the_chosen_rat
     s = by["full"]["quality"]["lr_search"]
     assert s["chosen"] == 5e-5 and s["grid"] == [1e-5, 2e-5, 5e-5] and s["scores"][2] == pytest.approx(0.9)
     assert by["lora"]["config"]["lr"] == 1e-4 and by["lora"]["quality"]["train"]["lr"] == 1e-4
-    assert "Learning rates chosen on 10 validation examples" in render_quality.markdown(records)
+    page = render_quality.markdown(records)
+    assert "Learning rates chosen on 10 validation examples" in page
+    # Both choices are ends of their grids (5e-5 the highest of full's, 1e-4 the lowest of LoRA's): said so.
+    assert "full 5e-05, the grid's highest: a rate beyond it might do better" in page
+    assert "lora 0.0001, the grid's lowest" in page
     # Resumed: the search and the final runs are read back, nothing trains again.
     seen.clear()
     quality.run(cfgs, t, 20, 2, tmp_path, log=lambda line: None, lr_grid=grid)
