@@ -176,7 +176,9 @@ def quality(records: list[dict], out: Path) -> list[str]:
         q0 = rs[0]["quality"]
         entries = [(r["config"]["method"], r["quality"]["relative"], METHOD_COLOURS[r["config"]["method"]])
                    for r in rs]
-        for name, label in (("base", "base"), ("base_4bit", "4-bit base")):
+        bases = (("base", "untrained\nhead"), ("base_4bit", "4-bit,\nuntrained head")) if q0.get("head") else (
+            ("base", "base"), ("base_4bit", "4-bit base"))
+        for name, label in bases:
             if q0.get(name) and q0[name].get("relative"):
                 entries.append((label, q0[name]["relative"], "#999999"))
         full = next((r for r in rs if r["config"]["method"] == "full"), None)
