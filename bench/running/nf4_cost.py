@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from qlora.config import ConfigError, RunConfig
+from qlora.scoring import IGNORE
 from qlora.tasks import Example
 
 FILE = "nf4-cost.jsonl"
@@ -95,10 +96,10 @@ def _hidden_and_loss(built, examples: list[Example], seq_len: int, decoder: bool
         hidden.append(out.hidden_states[-1].float()[mask])
         if decoder:
             logits = out.logits.float()[:, :-1]
-            target = enc["input_ids"][:, 1:].masked_fill(~mask[:, 1:], -100)
-            nll += float(torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100,
+            target = enc["input_ids"][:, 1:].masked_fill(~mask[:, 1:], IGNORE)
+            nll += float(torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=IGNORE,
                                                            reduction="sum"))
-            count += int((target != -100).sum())
+            count += int((target != IGNORE).sum())
     return torch.cat(hidden), (nll, count)
 
 
@@ -114,18 +115,12 @@ def measure(model: str, task_name: str, examples: int, log=print) -> dict:
     task = tasks.load_task(task_name)
     held = task.heldout[:examples]
     decoder = not models.is_encoder(models.hf_config(source))
-    hidden, loss, weights = {}, {}, {}
-    cfg_nf4 = None
+    hidden, loss, weights, configs = {}, {}, {}, {}
     for name, cfg, built in _builds(model):
         log(f"{model}: {name} build, {len(held)} held-out {task.name} prompts")
-        if name == "fp32":
-            weights["fp32"] = _linear_weights(built.model)
-        elif name == "bf16":
-            weights["bf16"] = _linear_weights(built.model)
-        else:
-            weights["nf4"] = _dequantised(built.model)
-            cfg_nf4 = cfg
+        weights[name] = _dequantised(built.model) if name == "nf4" else _linear_weights(built.model)
         hidden[name], loss[name] = _hidden_and_loss(built, held, cfg.seq_len, decoder)
+        configs[name] = cfg
         del built
     quantised = sorted(weights["nf4"])
     missing = [n for n in quantised if n not in weights["fp32"]]
@@ -144,7 +139,7 @@ def measure(model: str, task_name: str, examples: int, log=print) -> dict:
     if decoder:
         cost["loss"] = {k: v[0] / v[1] for k, v in loss.items()}
         cost["loss"]["nf4_increase"] = cost["loss"]["nf4"] - cost["loss"]["fp32"]
-    return record.make(cfg_nf4.to_dict(), source="measured", status="ok", bytes_=None, nf4_cost=cost,
+    return record.make(configs["nf4"].to_dict(), source="measured", status="ok", bytes_=None, nf4_cost=cost,
                        env=record.environment("cpu"))
 
 
