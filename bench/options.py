@@ -38,7 +38,13 @@ HELP = {
     "steps": "training steps", "seed": "random seed",
     "device": "cpu, cuda or cuda:N (default: cuda if available, else cpu)",
     "layers": "build only N decoder layers (reduced depth; measure extrapolates from N/2 and N)",
+    "shard": "data parallelism across ranks (FSDP2 fully_shard per decoder layer; fsdp-grad-op keeps a layer "
+             "gathered from forward to backward; ddp replicates; bytes are per rank)",
+    "world_size": "ranks, one device each (default: 1; more than 1 means --shard fsdp unless given): estimate per "
+                  "rank, or measure under torchrun with one process per rank (gloo on CPU, NCCL on CUDA)",
 }
+# Other spellings of a field's option: DESIGN.md's `--gpus N` (estimates) and `--nproc N` (measured under torchrun).
+ALIASES = {"world_size": ("--gpus", "--nproc")}
 # Booleans are flags that flip their default.
 FLAGS = {"double_quant": ("--no-double-quant", "store the 4-bit block constants in fp32 instead of 8 bit (qlora)"),
          "grad_checkpointing": ("--grad-checkpointing", "recompute activations in backward"),
@@ -98,7 +104,8 @@ def add_run_options(p: argparse.ArgumentParser, *, method_all: bool) -> None:
         if f.name not in NO_DEFAULT_SHOWN:
             shown = ",".join(default) if isinstance(default, tuple) else default
             text += f" (default: {shown})"
-        p.add_argument("--" + f.name.replace("_", "-"), type=_value_type(hint), default=None, help=text)
+        p.add_argument("--" + f.name.replace("_", "-"), *ALIASES.get(f.name, ()), dest=f.name,
+                       type=_value_type(hint), default=None, help=text)
 
 
 def configs_from_args(args, default_device_name: str | None = None, *, device_check: bool = True
@@ -122,6 +129,8 @@ def configs_from_args(args, default_device_name: str | None = None, *, device_ch
                         "max_position_embeddings", None)
         given["seq_len"] = min(RunConfig.seq_len, limit or RunConfig.seq_len)
     given["device"] = given.get("device") or default_device_name or default_device()
+    if given.get("world_size", 1) > 1 and "shard" not in given:
+        given["shard"] = "fsdp"
     given.pop("method", None)
     if recipe is not None:
         configs = [RunConfig(**d) for d in recipes.configure(recipe, given, methods)]

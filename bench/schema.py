@@ -44,7 +44,7 @@ def run_key(config: dict, **context) -> str:
 
 def label(config: dict) -> str:
     """A run's short name: `llama-2-7b qlora 1x512 ckpt at 2 layers [peft-qlora]`: the recipe its config is (if
-    any) in brackets, and a chosen AdamW implementation."""
+    any) in brackets, a chosen AdamW implementation, and a sharding (`fsdp x2`: per rank, batch per rank)."""
     from bench.recipes import match
 
     recipe = match(config)
@@ -52,7 +52,9 @@ def label(config: dict) -> str:
     depth = f" at {config['layers']} layers" if config.get("layers") is not None else ""
     impl = f" {config['adamw_impl']} adamw" if config.get("adamw_impl", "default") != "default" else ""
     tag = f" [{recipe}]" if recipe else ""
-    return f"{config['model']} {config['method']} {config['batch_size']}x{config['seq_len']}{ckpt}{depth}{impl}{tag}"
+    shard = f" {config['shard']} x{config.get('world_size', 1)}" if config.get("shard", "none") != "none" else ""
+    return (f"{config['model']} {config['method']} {config['batch_size']}x{config['seq_len']}{ckpt}{depth}{impl}"
+            f"{shard}{tag}")
 
 
 def device_name(r: dict) -> str:

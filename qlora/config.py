@@ -29,6 +29,12 @@ AdapterDtype = Literal["model", "fp32"]
 # transformers' attention implementations available without extra packages: sdpa (torch's fused kernels; the
 # default) keeps O(seq) per head for backward, eager materialises the O(seq^2) attention matrix.
 Attention = Literal["sdpa", "eager"]
+# Data parallelism over world_size ranks, one device each. none: one process. fsdp: FSDP2 fully_shard per decoder
+# layer and at the root: parameters, gradients and optimizer state sharded across ranks, each layer's parameters
+# all-gathered for its forward and again for its backward (ZeRO-3's layout). fsdp-grad-op: the same, but a layer's
+# gathered parameters stay from its forward to its backward (reshard_after_forward=False: FSDP1's SHARD_GRAD_OP,
+# ZeRO-2's memory). ddp: torch DistributedDataParallel, every rank holds everything plus gradient buckets.
+Shard = Literal["none", "fsdp", "fsdp-grad-op", "ddp"]
 
 # All seven projections of a Llama/Mistral/Qwen2 block: the QLoRA paper's finding is that adapting every linear
 # layer is what closes the gap to full fine-tuning.
@@ -98,6 +104,8 @@ class RunConfig:
     seed: int = 0
     device: str = "cpu"
     layers: int | None = None  # reduced depth: build only this many decoder layers (same width)
+    shard: Shard = "none"
+    world_size: int = 1  # ranks (processes, one device each); batch_size is per rank
 
     def __post_init__(self) -> None:
         _choice("method", self.method, Method)
@@ -108,11 +116,15 @@ class RunConfig:
         _choice("precision", self.precision, Precision)
         _choice("attention", self.attention, Attention)
         _choice("adapter_dtype", self.adapter_dtype, AdapterDtype)
+        _choice("shard", self.shard, Shard)
         if not isinstance(self.model, str) or not self.model.strip():
             raise ConfigError(f"model must be a non-empty name or path, got {self.model!r}")
         for name in ("lora_r", "lora_alpha", "batch_size", "seq_len", "steps"):
             _positive(name, getattr(self, name))
         _positive("layers", self.layers, allow_none=True)
+        _positive("world_size", self.world_size)
+        if self.world_size > 1 and self.shard == "none":
+            raise ConfigError(f"world_size {self.world_size} needs a shard (fsdp, fsdp-grad-op or ddp); got none")
         # a plan's "yes" or 1 must not pass as a flag
         for name in ("double_quant", "grad_checkpointing", "kbit_prepare"):
             if not isinstance(getattr(self, name), bool):

@@ -4,9 +4,15 @@ A `TorchDispatchMode` sees every op's outputs; each new storage gets a record, a
 `UntypedStorage` (whose identity is stable across views) fires when the memory is really freed, autograd's saved
 tensors included. At the peak the live records are sorted into DESIGN.md's categories, which sum to `peak`.
 
+Sharded training (FSDP2): a DTensor is a wrapper whose memory is its local shard, so the ledger follows the local
+tensor; FSDP frees and re-allocates the unsharded (gathered) parameters by resizing their storages in place
+(`UntypedStorage.resize_`), which no op reports, so while a ledger is active `resize_` is watched: a storage resized
+ends its record and, at a new size above zero, starts another. Storages named in `gathered` (the sharding wrapper's
+all-gather buffers) are parameters: category `weights`, and reported apart as `gathered_bytes`.
+
 Blind spots (cross-check with the device probes): memory allocated inside a kernel or custom op (bitsandbytes'
-gemm_4bit dequantises a whole weight internally), storage `resize_`, and tensors not produced by an op (a few
-tiny scalars). Under a Python dispatch mode `torch.compile` runs eager code. bitsandbytes' paged optimizer state is
+gemm_4bit dequantises a whole weight internally; gloo's own staging buffers), and tensors not produced by an op (a
+few tiny scalars). Under a Python dispatch mode `torch.compile` runs eager code. bitsandbytes' paged optimizer state is
 CUDA managed memory that torch sees as CPU tensors (`is_paged`): on CUDA the ledger counts it under `optimizer` and
 reports it apart (`paged_bytes`), since torch's allocator figures never include it.
 """
@@ -48,6 +54,7 @@ class Rec:
     saved: bool = False  # kept by autograd for backward
     paged: bool = False  # CUDA managed memory (bitsandbytes' paged optimizer state), which the allocator never sees
     recomputed: bool = False  # created by activation checkpointing's recomputation during backward
+    gathered: bool = False  # an all-gathered (unsharded) parameter buffer of a sharded model
 
     @property
     def category(self) -> str:
@@ -62,8 +69,11 @@ def _paged(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and bool(getattr(t, "is_paged", False))
 
 
-def _key(t: torch.Tensor) -> int:
-    return id(t.untyped_storage())
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The tensor whose storage holds t's memory: a DTensor's local shard (its own storage is a global-sized
+    wrapper that holds nothing), else t."""
+    local = getattr(t, "_local_tensor", None)
+    return local if isinstance(local, torch.Tensor) else t
 
 
 def static_tensors(model: nn.Module, optimizer=None) -> dict[str, list[torch.Tensor]]:
@@ -86,8 +96,10 @@ class Ledger(TorchDispatchMode):
     backward and after the optimizer step so gradients and new optimizer state are known, and `phase()` as the
     step moves on. Results: `peak`, `categories()`, `peak_at`, `timeline()`."""
 
-    def __init__(self, model: nn.Module, optimizer, device: torch.device | str, budget: int | None = None):
+    def __init__(self, model: nn.Module, optimizer, device: torch.device | str, budget: int | None = None,
+                 gathered=()):
         super().__init__()
+        self.gathered = {id(st) for st in gathered}  # storages of the sharding wrapper's unsharded parameters
         self.budget = budget
         self.model, self.optimizer = model, optimizer
         self.device = torch.device(device)
@@ -108,6 +120,8 @@ class Ledger(TorchDispatchMode):
         self._names = {id(m): n or "model" for n, m in model.named_modules()}
         self._hooks = []
         self._finalizers: list[weakref.finalize] = []
+        self._watched: set[int] = set()  # storage ids with a finaliser
+        self._resize = None
 
     # ---- what is live --------------------------------------------------------------------------------------
     def _follows(self, t) -> bool:
@@ -118,34 +132,63 @@ class Ledger(TorchDispatchMode):
         return t.device == self.device or (self.device.type == "cuda" and _paged(t))
 
     def _track(self, t: torch.Tensor, tag: str | None = None) -> Rec | None:
+        t = _local(t)
         if not self._follows(t):
             return None
         st = t.untyped_storage()
-        key = id(st)
-        rec = self.records.get(key)
+        rec = self.records.get(id(st))
         if rec is None:
-            self.events += 1
-            rec = Rec(st.nbytes(), self.events, recomputed=self._in_recompute(),
-                      paged=t.device != self.device)
-            self.records[key] = rec
-            self.all.append(rec)
-            self._finalizers.append(weakref.finalize(st, self._freed, key))
-            self.current += rec.nbytes
-            if self.budget is not None and self.current > self.budget:
-                raise BudgetExceeded(self.current, self.budget)
-            if self.current > self.peak:
-                self.peak = self.current
-                self._dirty = True
-                node = torch._C._current_autograd_node()  # in backward: the gradient function running now
-                self.peak_at = {"phase": self._phase, "module": self._modules[-1] if self._modules else None,
-                                "op": self._op, "grad_fn": node.name() if node is not None else None,
-                                "event": self.events}
+            rec = self._born(st, paged=t.device != self.device)
         if tag is not None and rec.tag is None:
             rec.tag = tag
         return rec
 
+    def _born(self, st, paged: bool = False, like: Rec | None = None) -> Rec:
+        """A new record for storage `st` (`like`: the record it replaces after a resize, whose kind it keeps)."""
+        key = id(st)
+        self.events += 1
+        gathered = key in self.gathered
+        rec = Rec(st.nbytes(), self.events, recomputed=self._in_recompute(), paged=paged, gathered=gathered,
+                  tag="weights" if gathered else None)
+        if like is not None:
+            rec.tag, rec.saved, rec.paged = like.tag, like.saved, like.paged
+        self.records[key] = rec
+        self.all.append(rec)
+        if key not in self._watched:
+            self._watched.add(key)
+            self._finalizers.append(weakref.finalize(st, self._gone, key))
+        self.current += rec.nbytes
+        if self.budget is not None and self.current > self.budget:
+            raise BudgetExceeded(self.current, self.budget)
+        if self.current > self.peak:
+            self.peak = self.current
+            self._dirty = True
+            node = torch._C._current_autograd_node()  # in backward: the gradient function running now
+            self.peak_at = {"phase": self._phase, "module": self._modules[-1] if self._modules else None,
+                            "op": self._op, "grad_fn": node.name() if node is not None else None,
+                            "event": self.events}
+        return rec
+
+    def _resized(self, st) -> None:
+        """After `st.resize_(n)`: the old size's record ends, a new one starts at n bytes (none at 0)."""
+        key = id(st)
+        old = self.records.get(key)
+        if old is not None and old.nbytes == st.nbytes():
+            return
+        if old is not None:
+            self._freed(key)
+        if st.nbytes() > 0 and st.device == self.device:
+            self._born(st, like=old)
+
+    def _gone(self, key: int) -> None:
+        """A followed storage was freed (its id may now be reused by another)."""
+        self._watched.discard(key)
+        self._freed(key)
+
     def _freed(self, key: int) -> None:
-        rec = self.records.pop(key, None)
+        if key not in self.records:
+            return
+        rec = self.records.pop(key)
         if rec is None:
             return
         if self._dirty:  # the first free after a new maximum: what is live now is what was live at the peak
@@ -201,10 +244,20 @@ class Ledger(TorchDispatchMode):
             self._hooks.append(m.register_forward_hook(self._leave_module, always_call=True))
         self._saved = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
         self._saved.__enter__()
+        resize, ledger = torch.UntypedStorage.resize_, self
+
+        def watched_resize(st, size):  # FSDP frees and re-gathers parameters this way; no op reports it
+            out = resize(st, size)
+            ledger._resized(st)
+            return out
+
+        self._resize = resize
+        torch.UntypedStorage.resize_ = watched_resize
         return super().__enter__()
 
     def __exit__(self, *exc):
         super().__exit__(*exc)
+        torch.UntypedStorage.resize_ = self._resize
         self._saved.__exit__(*exc)
         for h in self._hooks:
             h.remove()
@@ -230,6 +283,11 @@ class Ledger(TorchDispatchMode):
         """Bytes among the storages live at the peak that are CUDA managed memory (paged optimizer state): counted
         in their category, but invisible to torch's caching allocator (cuda_max_allocated)."""
         return sum(rec.nbytes for rec in self.peak_live if rec.paged)
+
+    def gathered_bytes(self) -> int:
+        """Bytes among the storages live at the peak that are all-gathered (unsharded) parameters of a sharded
+        model: counted under `weights`, beside the rank's own shard."""
+        return sum(rec.nbytes for rec in self.peak_live if rec.gathered)
 
     def categories_at(self, phase: str) -> dict[str, int]:
         """Bytes per category live as the step entered `phase` (e.g. "optimizer": all gradients exist)."""

@@ -24,9 +24,10 @@ from qlora.optim import implementation, make_optimizer
 from qlora.train import timed_steps, train_step
 
 
-def ledgered(step, model, optimizer, device, budget: int | None = None) -> tuple[float, Ledger]:
-    """A `timed_steps` step (step(on_phase) -> loss) run under the memory ledger: its loss and the ledger."""
-    ledger = Ledger(model, optimizer, device, budget)
+def ledgered(step, model, optimizer, device, budget: int | None = None, gathered=()) -> tuple[float, Ledger]:
+    """A `timed_steps` step (step(on_phase) -> loss) run under the memory ledger: its loss and the ledger.
+    `gathered`: storages of a sharded model's all-gather buffers (bench.measuring.sharded)."""
+    ledger = Ledger(model, optimizer, device, budget, gathered=gathered)
     with ledger:
         loss = step(ledger.phase)
     return loss, ledger
@@ -45,18 +46,26 @@ def build_shown(cfg: RunConfig, num_labels: int = 2):
         return build(cfg, on_layer=shown.at, num_labels=num_labels)
 
 
-def measure_once(cfg: RunConfig, budget: int | None = None) -> dict:
+def measure_once(cfg: RunConfig, budget: int | None = None, seed_offset: int = 0) -> dict:
     """Measure cfg at the depth it asks for. Returns a dict of raw figures (not yet a record). With a `budget`
     (bytes), live tensors beyond it raise BudgetExceeded: an out-of-memory at that capacity.
 
     Steps (qlora.train.timed_steps, all on one batch): the first under the ledger (it allocates optimizer state,
     often the run's real peak, so it is the one held to the budget), cfg.steps timed, and a last one under the
-    ledger with the device probes around it: the measured step."""
+    ledger with the device probes around it: the measured step.
+
+    A sharded cfg is one rank's part (inside torch.distributed, bench.measuring.sharded): the model is sharded before
+    the optimizer is made, and `seed_offset` (the rank) gives each rank its own batch."""
     baseline = rss_anon_bytes()
     built = build_shown(cfg)
+    gathered = list
+    if cfg.shard != "none":
+        from bench.measuring.sharded import wrap
+
+        built.model, gathered = wrap(built.model, cfg)
     device = next(built.model.parameters()).device
     optimizer = make_optimizer(cfg, built.model)
-    g = torch.Generator().manual_seed(cfg.seed)
+    g = torch.Generator().manual_seed(cfg.seed + seed_offset)
     # Memory and speed do not depend on which token ids are fed; random ids in the vocabulary keep it simple.
     batch = torch.randint(0, built.hf_config.vocab_size, (cfg.batch_size, cfg.seq_len), generator=g).to(device)
     last = cfg.steps + 1
@@ -69,7 +78,7 @@ def measure_once(cfg: RunConfig, budget: int | None = None) -> dict:
         if index == last:
             at_start["rss"] = rss_anon_bytes()
             probe.start()
-        loss, ledgers[index] = ledgered(step, built.model, optimizer, device, budget)
+        loss, ledgers[index] = ledgered(step, built.model, optimizer, device, budget, gathered())
         return loss
 
     with progress.bar(last + 1, f"{cfg.method}: steps", unit="step") as shown:
@@ -102,6 +111,8 @@ def measure_once(cfg: RunConfig, budget: int | None = None) -> dict:
         "train_losses": [s.loss if math.isfinite(s.loss) else None for s in steps if s.seconds is not None],
         # paged optimizer state (CUDA managed memory): in `optimizer`, but never in the allocator's figures
         "optimizer_paged_bytes": ledger.paged_bytes(),
+        # a sharded rank's all-gathered parameters live at the peak (in `weights`, beside its own shard)
+        "gathered_bytes": ledger.gathered_bytes(),
     }
 
 
@@ -157,6 +168,11 @@ def measure(cfg: RunConfig, run=in_this_process, budget: int | None = None) -> d
     cfg = check(cfg)  # bad input fails here, before any model is built; lora_targets resolved for the record
 
     def measure_at(c):  # every depth is measured under the same budget
+        if c.shard != "none":  # the rank with the highest peak, every rank under "ranks"
+            from bench.measuring.sharded import launch
+
+            ranks = run(launch, c, budget=budget)["ranks"]
+            return {**max(ranks, key=lambda raw: raw["bytes"]["peak"]), "ranks": ranks}
         return run(measure_once, c, budget=budget)
 
     full_depth = models.hf_config(models.resolve(cfg.model)).num_hidden_layers
@@ -171,12 +187,18 @@ def measure(cfg: RunConfig, run=in_this_process, budget: int | None = None) -> d
             figures = raw["device_figures"]
             extra = {k: raw[k] for k in ("rss_anon_baseline", "rss_anon_step_start", "ledger_step_start",
                                          "optimizer_paged_bytes", "train_losses")}
+            if "ranks" in raw:
+                extra["ranks"] = [_rank_summary(r, {k: r[k] for k in ("bytes", "first_step", "backward_start",
+                                                                       "step_seconds")}) for r in raw["ranks"]]
         else:
             near = measure_at(replace(cfg, layers=cfg.layers // 2))
             raw = measure_at(cfg)
             fields = extrapolate(near, raw, full_depth)
             figures = None  # the device saw smaller models; their own figures are under measured_at
             extra = {"measured_at": [_depth_summary(near), _depth_summary(raw)], "timeline_layers": raw["layers"]}
+            if "ranks" in raw:
+                extra["ranks"] = [_rank_summary(f, extrapolate(n, f, full_depth), n, full_depth)
+                                  for n, f in zip(near["ranks"], raw["ranks"], strict=True)]
             if near["peak_at"]["phase"] != raw["peak_at"]["phase"]:
                 extra["warning"] = (f"the peak falls in {near['peak_at']['phase']} at {near['layers']} layers but in "
                                     f"{raw['peak_at']['phase']} at {raw['layers']}: the extrapolation is approximate")
@@ -197,8 +219,20 @@ def measure(cfg: RunConfig, run=in_this_process, budget: int | None = None) -> d
         layers=full_depth, budget_bytes=budget, trainable_parameters=raw["trainable_parameters"],
         optimizer_impl=raw["optimizer_impl"], peak_at=raw["peak_at"],
         first_step=fields["first_step"], backward_start=fields["backward_start"], timeline=raw["timeline"],
-        **extra,
+        **({"rank": raw["rank"], "world_size": cfg.world_size} if "ranks" in raw else {}), **extra,
     )
+
+
+def _rank_summary(raw: dict, fields: dict, near: dict | None = None, depth: int | None = None) -> dict:
+    """One rank's figures in a sharded run's record (`fields`: its bytes, first step, backward start and step time,
+    measured, or extrapolated to `depth` from `near`, the same rank at the smaller depth)."""
+    gathered = raw["gathered_bytes"]
+    if near is not None:  # linear in depth, as the categories are
+        slope = (gathered - near["gathered_bytes"]) / (raw["layers"] - near["layers"])
+        gathered = int(round(gathered + slope * (depth - raw["layers"])))
+    return {"rank": raw["rank"], "bytes": fields["bytes"], "gathered_bytes": gathered,
+            "backward_start": fields["backward_start"], "first_step": fields["first_step"],
+            "peak_at": raw["peak_at"], "step_seconds": fields["step_seconds"], **raw["device_figures"]}
 
 
 def _depth_summary(raw: dict) -> dict:

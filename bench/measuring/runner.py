@@ -249,17 +249,24 @@ def _die_with_parent() -> None:
         os._exit(1)  # the parent was already gone before the request was made
 
 
+def failure(e: BaseException) -> dict:
+    """How a run's process reports an exception to its parent: bad input (`config`), `oom` or `error`, one line."""
+    if isinstance(e, ConfigError):
+        return {"kind": "config", "message": str(e)}
+    message = (f"{type(e).__name__}: {e}".strip().splitlines() or [type(e).__name__])[0]
+    extra = {"oom_bytes": e.live} if hasattr(e, "live") else {}
+    if isinstance(e, RunFailed):
+        message, extra = e.message, dict(e.extra)
+    return {"kind": "oom" if is_oom(e) else "error", "message": message, "extra": extra}
+
+
 def _child(target: str, result_path: str) -> None:
     _die_with_parent()
     payload = json.loads(sys.stdin.read())
     try:
         answer = {"result": _resolve(target)(*payload)}
-    except ConfigError as e:
-        answer = {"failure": {"kind": "config", "message": str(e)}}
     except BaseException as e:  # noqa: BLE001 - every failure of a run is a result, reported to the parent
-        message = (f"{type(e).__name__}: {e}".strip().splitlines() or [type(e).__name__])[0]
-        extra = {"oom_bytes": e.live} if hasattr(e, "live") else {}
-        answer = {"failure": {"kind": "oom" if is_oom(e) else "error", "message": message, "extra": extra}}
+        answer = {"failure": failure(e)}
     try:
         text = json.dumps(answer, allow_nan=False)
     except ValueError as e:  # NaN or infinity in the result: not valid JSON, so not a record either
@@ -275,4 +282,8 @@ def _child(target: str, result_path: str) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(_child(*sys.argv[1:3]))
+    # the importable module's _child, not this __main__ copy: a run that raises RunFailed (a sharded launch) must
+    # raise the class `failure` checks for
+    from bench.measuring.runner import _child as child
+
+    sys.exit(child(*sys.argv[1:3]))

@@ -16,6 +16,8 @@ def print_record(r: dict) -> None:
     if r.get("measured_at"):
         source += f", fitted through {' and '.join(str(m['layers']) for m in r['measured_at'])} layers"
     flags = " · checkpointing" if c["grad_checkpointing"] else ""
+    if c.get("shard", "none") != "none":
+        flags += f" · {c['shard']} x{c['world_size']}, per rank"
     print(f"{c['method']} · {c['model']} · batch {c['batch_size']} x seq {c['seq_len']} · {c['device']} · "
           f"{c['precision']} · {c['optimizer']}{flags} ({source})")
     if r["status"] != "ok":
@@ -23,6 +25,10 @@ def print_record(r: dict) -> None:
         return
     b = r["bytes"]
     unit, name = (GiB, "GiB") if b["peak"] >= GiB / 4 else (MiB, "MiB")
+    if r.get("ranks"):
+        peaks = ", ".join(f"rank {x['rank']} {fmt_bytes(x['bytes']['peak'], unit)}" for x in r["ranks"])
+        print(f"  peaks ({name}): {peaks}; below, rank {r['rank']}'s, whose weights include "
+              f"{fmt_bytes(r['ranks'][r['rank']]['gathered_bytes'], unit)} {name} of all-gathered parameters")
     print(f"  {'category':<13}{name:>10}{'share':>8}")
     for k in CATEGORIES:
         print(f"  {k:<13}{fmt_bytes(b[k], unit):>10}{b[k] / b['peak']:>8.1%}")
