@@ -46,6 +46,10 @@ class Arch:
     buffer_bytes: int  # rotary inv_freq and friends, fp32
     param_numels: tuple  # every parameter tensor's element count (tied ones once): Full FT's trainable tensors
     max_positions: int | None = None
+    # shapes, for sharding (FSDP splits each parameter on its first dimension): the parameters of one decoder layer
+    # that are not in its Linears (norms), and those outside the decoder layers (embeddings, final norm, lm_head)
+    layer_extra_shapes: tuple = ()
+    root_shapes: tuple = ()
 
     @property
     def q_dim(self) -> int:
@@ -75,6 +79,8 @@ def read_arch(cfg: RunConfig) -> Arch:
         buffer_bytes=sum(b.numel() * b.element_size() for b in meta.buffers()),
         param_numels=tuple(p.numel() for p in params),
         max_positions=getattr(hf, "max_position_embeddings", None),
+        layer_extra_shapes=tuple(tuple(p.shape) for p in layers[0].parameters() if id(p) not in in_linears),
+        root_shapes=tuple(tuple(p.shape) for p in params if id(p) not in {id(q) for q in layers.parameters()}),
     )
 
 
@@ -306,14 +312,19 @@ def estimate_bytes(cfg: RunConfig, arch: Arch | None = None, device_type: str | 
                     **base, "gradients": grads,
                     "activations": (k + 1) * a * T * h + one["attention"] - a * probs,
                     "other": a * T * h + 8 * probs}
+    sharding = None
+    if cfg.shard != "none":  # rank 0's view of every moment (the largest rank), plus what sharding adds
+        from bench.modelling.sharding import per_rank
+
+        moments, sharding = per_rank(cfg, arch, st, act, moments, optimizer_state, optimizer_temporaries, device_type)
     for m in moments.values():
         m["peak"] = sum(m[c] for c in CATEGORIES)
     phase = max(moments, key=lambda k: moments[k]["peak"])  # the first listed wins a tie
     out = moments[phase]
     # As backward starts (the ledger's categories_at("backward")): everything saved for backward is live, the loss
     # backward's temporaries are not yet.
-    start = {**base, "gradients": 0, "activations": act["total"], "other": 0}
-    return {"bytes": {c: out[c] for c in (*CATEGORIES, "peak")},
+    start = {**(moments["backward"] if sharding else base), "gradients": 0, "activations": act["total"], "other": 0}
+    return {"bytes": {c: out[c] for c in (*CATEGORIES, "peak")}, **({"sharding": sharding} if sharding else {}),
             "phase": "optimizer" if phase == "optimizer" else "backward",
             "moments": {k: v["peak"] for k, v in moments.items()},
             "backward_start": {**{c: start[c] for c in CATEGORIES}, "total": sum(start[c] for c in CATEGORIES)}}
