@@ -16,7 +16,7 @@ from bench.measuring import record
 from bench.measuring.ledger import BudgetExceeded, Ledger
 from bench.measuring.probes import DeviceProbe, rss_anon_bytes
 from bench.measuring.runner import RunFailed, is_oom
-from bench.schema import CATEGORIES
+from bench.schema import CATEGORIES, STATIC
 from qlora import models
 from qlora.build import build, count_trainable
 from qlora.config import ConfigError, RunConfig
@@ -113,6 +113,8 @@ def measure_once(cfg: RunConfig, budget: int | None = None, seed_offset: int = 0
         "optimizer_paged_bytes": ledger.paged_bytes(),
         # a sharded rank's all-gathered parameters live at the peak (in `weights`, beside its own shard)
         "gathered_bytes": ledger.gathered_bytes(),
+        # what the rank holds as its optimizer step starts: its shards of weights, gradients and optimizer state
+        "static": {c: ledger.categories_at("optimizer")[c] for c in STATIC},
     }
 
 
@@ -147,6 +149,10 @@ def check(cfg: RunConfig) -> RunConfig:
     from qlora.preflight import preflight
 
     cfg = preflight(cfg)
+    if cfg.shard != "none":
+        from bench.measuring.sharded import check as check_sharded
+
+        check_sharded(cfg)
     if cfg.layers is not None and cfg.layers < models.hf_config(models.resolve(cfg.model)).num_hidden_layers:
         if cfg.layers < 2:
             raise ConfigError(f"layers must be >= 2 to extrapolate (two depths are fitted), got {cfg.layers}")
@@ -230,7 +236,12 @@ def _rank_summary(raw: dict, fields: dict, near: dict | None = None, depth: int 
     if near is not None:  # linear in depth, as the categories are
         slope = (gathered - near["gathered_bytes"]) / (raw["layers"] - near["layers"])
         gathered = int(round(gathered + slope * (depth - raw["layers"])))
-    return {"rank": raw["rank"], "bytes": fields["bytes"], "gathered_bytes": gathered,
+    static = raw["static"]
+    if near is not None:
+        static = extrapolate_bytes({**near["static"], "activations": 0, "other": 0},
+                                   {**static, "activations": 0, "other": 0}, near["layers"], raw["layers"], depth)
+        static = {c: static[c] for c in STATIC}
+    return {"rank": raw["rank"], "bytes": fields["bytes"], "gathered_bytes": gathered, "static": static,
             "backward_start": fields["backward_start"], "first_step": fields["first_step"],
             "peak_at": raw["peak_at"], "step_seconds": fields["step_seconds"], **raw["device_figures"]}
 

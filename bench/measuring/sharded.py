@@ -40,6 +40,11 @@ def check(cfg: RunConfig) -> None:
     if cfg.shard not in MEASURED_SHARDS:
         raise ConfigError(f"shard {cfg.shard!r} is estimated only (qlora-bench estimate --gpus N --shard "
                           f"{cfg.shard}); measured sharding: {', '.join(MEASURED_SHARDS)}")
+    if cfg.quantized:
+        raise ConfigError(f"method qlora with shard {cfg.shard}: FSDP2 on this stack (torch 2.13, bitsandbytes 0.50) "
+                          "turns each 4-bit weight into a DTensor without its quant_state (AttributeError: 'DTensor' "
+                          "object has no attribute 'quant_state'); estimate it instead: qlora-bench estimate MODEL "
+                          f"--method qlora --gpus {cfg.world_size} --shard {cfg.shard}")
     if cfg.device.startswith("cuda:"):
         raise ConfigError(f"device {cfg.device!r}: a sharded run takes one CUDA device per rank; use device cuda")
 
