@@ -325,7 +325,7 @@ def estimate_bytes(cfg: RunConfig, arch: Arch | None = None, device_type: str | 
     # backward's temporaries are not yet.
     start = {**(moments["backward"] if sharding else base), "gradients": 0, "activations": act["total"], "other": 0}
     return {"bytes": {c: out[c] for c in (*CATEGORIES, "peak")}, **({"sharding": sharding} if sharding else {}),
-            "phase": "optimizer" if phase == "optimizer" else "backward",
+            "phase": {"optimizer": "optimizer", "loss_forward": "forward"}.get(phase, "backward"),
             "moments": {k: v["peak"] for k, v in moments.items()},
             "backward_start": {**{c: start[c] for c in CATEGORIES}, "total": sum(start[c] for c in CATEGORIES)}}
 

@@ -37,7 +37,8 @@ def estimate_record(cfg: RunConfig, *, cards: tuple[str, ...] = CARDS, **extra) 
     return record.make(cfg.to_dict(), source="estimated", status="ok", bytes_=est["bytes"],
                        env=record.environment("cpu"), layers=arch.layers, peak_at={"phase": est["phase"]},
                        moments=est["moments"], backward_start=est["backward_start"],
-                       cards={g: gpus.on_card(gpus.CATALOG[g], peak) for g in cards}, optimizer_impl=impl, **extra)
+                       cards={g: gpus.on_card(gpus.CATALOG[g], peak) for g in cards}, optimizer_impl=impl,
+                       **({"sharding": est["sharding"]} if "sharding" in est else {}), **extra)
 
 
 def fit_on(gpu: gpus.GPU, cfg: RunConfig, peak_bytes: int, *, limits: bool = False,

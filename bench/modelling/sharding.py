@@ -95,6 +95,11 @@ def per_rank(cfg, arch, st, act: dict, moments: dict, optimizer_state, optimizer
                                                                             else 0),
                      "gradients": int(m["gradients"] * ratio), "activations": m["activations"],
                      "other": m["other"] + in_flight + (layer_grads if inside and cfg.method == "full" else 0)}
+    # [ledger] the loss in forward: every activation is saved, the bf16 logits and their fp32 copy are live (the
+    # log-softmax is saved), and the last layer's flat all-gather buffer is held until the root's forward ends
+    out["loss_forward"] = {**base, "weights": base["weights"] + gathered_layers, "gradients": 0,
+                           "activations": act["total"],
+                           "other": layer_bytes + (2 + 4) * act["tokens"] * arch.vocab}
     if not cfg.grad_checkpointing:
         # [ledger] backward into the last layer's MLP: the loss and head are done (under Full FT lm_head's and the
         # final norm's unsharded gradients wait for the root's reduce-scatter, and down_proj's weight gradient is

@@ -59,6 +59,8 @@ def print_record(r: dict) -> None:
 def print_estimates(records: list[dict], gpu) -> None:
     c = records[0]["config"]
     flags = " · checkpointing" if c["grad_checkpointing"] else ""
+    if c.get("shard", "none") != "none":
+        flags += f" · {c['shard']} x{c['world_size']}, per rank (rank 0, the largest; batch per rank)"
     print(f"{c['model']} · batch {c['batch_size']} x seq {c['seq_len']} · {c['precision']} · {c['optimizer']}"
           f"{flags} (estimated, GiB)")
     methods = [r["config"]["method"] for r in records]
@@ -66,6 +68,10 @@ def print_estimates(records: list[dict], gpu) -> None:
     for k in (*CATEGORIES, "peak"):
         print(f"  {k:<13}" + "".join(f"{r['bytes'][k] / GiB:>10.3f}" for r in records))
     print(f"  {'peak falls in':<13}" + "".join(f"{r['peak_at']['phase']:>10}" for r in records))
+    if records[0].get("sharding", {}).get("gathered_root_bytes") is not None:
+        print(f"  {'of weights, gathered':<13}" + "".join(
+            f"{r['sharding']['gathered_root_bytes'] / GiB:>10.3f}" for r in records)
+            + "   (the root unit: embeddings, final norm, lm_head; plus one layer inside its backward)")
     if gpu is None:
         return
     print(f"  on {gpu.label} ({gpu.total_bytes / GiB:.1f} GiB; needs peak + 5% + 0.5 GiB context):")
