@@ -124,7 +124,7 @@ def cmd_validate(args) -> int:
 
     check_out_dir(args.out)
     rows = validate.run(args.plan, args.out, isolated)
-    print(validation.markdown(rows, validate.TOLERANCE))
+    print(validation.markdown(rows, validate.TOLERANCE, args.plan, args.out))
     bad = [r for r in rows if abs(r["peak_error"]) > validate.TOLERANCE]
     if bad:
         print(f"qlora-bench: {len(bad)} row(s) outside the {validate.TOLERANCE:.0%} peak tolerance", file=sys.stderr)

@@ -162,3 +162,24 @@ def test_a_killed_rank_is_an_error_record_and_leaves_nothing_behind(tiny):
     assert "rank" in r["error"] and "without a result" in r["error"]
     time.sleep(1)
     assert not set(ranks) & set(_rank_pids())  # torchrun stopped the other rank
+
+
+VALIDATION = Path(__file__).parent.parent / "reports" / "estimate-validation-sharded"
+
+
+def committed_rows():
+    path = VALIDATION / "measured.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("measured", committed_rows(), ids=lambda r: "-".join(
+    str(r["config"][k]) for k in ("model", "method", "shard", "world_size", "seq_len")))
+def test_committed_sharded_validation_still_holds(measured):
+    """Re-estimate every committed torchrun measurement, rank by rank: an estimator change that breaks the 5% target
+    (or a static byte) shows here."""
+    est = estimate_bytes(RunConfig.from_dict({**measured["config"], "layers": None}))
+    for x in measured["ranks"]:
+        assert est["bytes"]["peak"] == pytest.approx(x["bytes"]["peak"], rel=0.05), x["rank"]
+        assert x["static"] == {c: est["sharding"]["static_per_rank"][c] for c in STATIC}, x["rank"]

@@ -255,6 +255,10 @@ def activations(cfg: RunConfig, arch: Arch) -> dict:
             "tokens": T, "a": a}
 
 
+# The step's phase each moment falls in, where it is not backward (the sharded moments: bench.modelling.sharding)
+PHASE_OF = {"optimizer": "optimizer", "loss_forward": "forward", "first_layer_forward": "forward"}
+
+
 def estimate_bytes(cfg: RunConfig, arch: Arch | None = None, device_type: str | None = None) -> dict:
     """Every category at the estimated peak, the peak, and the phase it falls in."""
     from qlora.preflight import preflight
@@ -325,7 +329,7 @@ def estimate_bytes(cfg: RunConfig, arch: Arch | None = None, device_type: str | 
     # backward's temporaries are not yet.
     start = {**(moments["backward"] if sharding else base), "gradients": 0, "activations": act["total"], "other": 0}
     return {"bytes": {c: out[c] for c in (*CATEGORIES, "peak")}, **({"sharding": sharding} if sharding else {}),
-            "phase": {"optimizer": "optimizer", "loss_forward": "forward"}.get(phase, "backward"),
+            "phase": PHASE_OF.get(phase, "backward"),
             "moments": {k: v["peak"] for k, v in moments.items()},
             "backward_start": {**{c: start[c] for c in CATEGORIES}, "total": sum(start[c] for c in CATEGORIES)}}
 

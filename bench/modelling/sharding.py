@@ -82,6 +82,8 @@ def per_rank(cfg, arch, st, act: dict, moments: dict, optimizer_state, optimizer
     every_layer = cfg.shard == "fsdp-grad-op"  # gathered from forward to backward
     gathered_layers = arch.layers * layer_bytes if every_layer else 0
     in_flight = 0 if every_layer else layer_bytes  # the next layer's all-gather, prefetched in backward
+    below = in_flight if arch.layers > 1 else 0  # inside the last layer's backward: the one below it, if any
+    full = cfg.method == "full"
     out = {}
     ratio = sharded.trainable_bytes / st.trainable_bytes if st.trainable_bytes else 0
     for name, m in moments.items():
@@ -95,6 +97,13 @@ def per_rank(cfg, arch, st, act: dict, moments: dict, optimizer_state, optimizer
                                                                             else 0),
                      "gradients": int(m["gradients"] * ratio), "activations": m["activations"],
                      "other": m["other"] + in_flight + (layer_grads if inside and cfg.method == "full" else 0)}
+    # [ledger] the first layer's forward: the root and layer 0 are gathered, and both flat all-gather buffers are
+    # still held (FSDP frees one when the next gather is waited on); only the embedding output (not yet saved),
+    # the rotary tables and, under Full FT, the embedding's indices exist of the batch
+    a, tokens = act["a"], act["tokens"]
+    out["first_layer_forward"] = {**base, "weights": base["weights"] + layer_bytes, "gradients": 0,
+                                  "activations": 2 * a * tokens * arch.head_dim + (8 * tokens if full else 0),
+                                  "other": root_bytes + layer_bytes + a * tokens * arch.hidden}
     # [ledger] the loss in forward: every activation is saved, the bf16 logits and their fp32 copy are live (the
     # log-softmax is saved), and the last layer's flat all-gather buffer is held until the root's forward ends
     out["loss_forward"] = {**base, "weights": base["weights"] + gathered_layers, "gradients": 0,
@@ -109,7 +118,16 @@ def per_rank(cfg, arch, st, act: dict, moments: dict, optimizer_state, optimizer
         head_grads = (arch.vocab * arch.hidden + arch.hidden + down) * e if cfg.method == "full" else 0
         out["last_layer"] = {**base, "weights": base["weights"] + (0 if every_layer else layer_bytes) + gathered_layers,
                              "gradients": 0, "activations": act["total"] - act["loss"] - act["head"],
-                             "other": in_flight + head_grads + act["a"] * act["tokens"] * (arch.hidden + arch.inter)}
+                             "other": below + head_grads + act["a"] * act["tokens"] * (arch.hidden + arch.inter)}
+    if full and not cfg.grad_checkpointing:
+        # [ledger] the last layer's gradients reduce-scattered: its unsharded gradients and their copy in the
+        # reduce-scatter's input buffer, its chunk, the next layer's all-gather in flight, lm_head's and the final
+        # norm's unsharded gradients, the gradient flowing into the layer below; that layer's activations are saved
+        e = st.element_bytes
+        saved = act["total"] - act["loss"] - act["head"] - act["layer"]["total"]
+        out["last_layer_reduce"] = {**base, "gradients": layer_grad_chunks, "activations": saved,
+                                    "other": 2 * layer_grads + below + (arch.vocab + 1) * arch.hidden * e
+                                    + act["a"] * act["tokens"] * arch.hidden}
     if cfg.method == "full":
         # [ledger] backward through the embeddings: the root's gradients (tied: lm_head's and the embedding's and
         # their sum; untied: lm_head's and the embedding's, and the final norm's) unsharded, beside every layer's

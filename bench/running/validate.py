@@ -33,7 +33,17 @@ def compare(measured: dict, estimated: dict) -> dict:
         "category_error_bytes": {c: e[c] - m[c] for c in CATEGORIES},
         "measured_phase": measured["peak_at"]["phase"],
         "estimated_phase": estimated["peak_at"]["phase"],
+        **({"ranks": ranks(measured, estimated)} if measured.get("ranks") else {}),
     }
+
+
+def ranks(measured: dict, estimated: dict) -> dict:
+    """A sharded row, rank by rank: each rank's peak error against the estimate (rank 0's), and the largest
+    difference in bytes between a rank's static bytes and the estimate's (zero: exact)."""
+    static = estimated["sharding"]["static_per_rank"]
+    return {"peak_errors": [estimated["bytes"]["peak"] / x["bytes"]["peak"] - 1 for x in measured["ranks"]],
+            "static_error_bytes": max((static[c] - x["static"][c] for x in measured["ranks"] for c in x["static"]),
+                                      key=abs)}
 
 
 def run(plan: str | Path, out: str | Path, measure_fn) -> list[dict]:
@@ -56,11 +66,11 @@ def run(plan: str | Path, out: str | Path, measure_fn) -> list[dict]:
         estimates.append(e)
         if m["status"] == "ok":
             rows.append(compare(m, e))
-    write(out, rows, estimates)
+    write(out, rows, estimates, plan)
     return rows
 
 
-def write(out: Path, rows: list[dict], estimates: list[dict]) -> None:
+def write(out: Path, rows: list[dict], estimates: list[dict], plan: str | Path) -> None:
     record.write_atomic(out / "estimated.jsonl", "".join(json.dumps(e) + "\n" for e in estimates))
     record.write_atomic(out / "validation.json", json.dumps({"tolerance": TOLERANCE, "rows": rows}, indent=1) + "\n")
-    record.write_atomic(out / "README.md", validation.markdown(rows, TOLERANCE))
+    record.write_atomic(out / "README.md", validation.markdown(rows, TOLERANCE, str(plan), str(out)))
