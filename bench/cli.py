@@ -161,7 +161,7 @@ def cmd_bench(args) -> int:
     out = Path(args.out) if args.out else main_job.default_out(plan, device)
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     text, runs = main_job.run(plan, out, device=device, budget_gib=args.budget_gib, timeout_s=args.timeout_s,
-                           fresh=args.fresh, dry_run=args.dry_run, log=log)
+                           fresh=args.fresh, dry_run=args.dry_run, estimates_only=args.estimates_only, log=log)
     if args.dry_run:
         return 0
     print(text, end="")
@@ -271,6 +271,8 @@ def parser() -> Parser:
                    "regenerated with an explicit --out reports/bench/PLAN/DEVICE)")
     add_sweep_options(b)
     b.add_argument("--fresh", action="store_true", help="set earlier results aside and measure every run again")
+    b.add_argument("--estimates-only", action="store_true", help="measure nothing: write the plan's estimates, the "
+                   "report and the summary from the runs OUT already holds (after an estimator change)")
     b.set_defaults(func=cmd_bench)
     cp = sub.add_parser("compare", help="memory and time deltas between two result files; exit 3 on regression")
     cp.add_argument("baseline", help="JSONL result records (the reference)")

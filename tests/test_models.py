@@ -9,6 +9,7 @@ from qlora.config import ConfigError
 EXPECTED = {
     "llama-2-7b": 6_738_415_616,
     "llama-2-13b": 13_015_864_320,
+    "llama-2-70b": 68_976_648_192,
     "llama-3-8b": 8_030_261_248,
     "mistral-7b": 7_241_732_096,
     "qwen2.5-7b": 7_615_616_512,

@@ -183,3 +183,24 @@ def test_committed_sharded_validation_still_holds(measured):
     for x in measured["ranks"]:
         assert est["bytes"]["peak"] == pytest.approx(x["bytes"]["peak"], rel=0.05), x["rank"]
         assert x["static"] == {c: est["sharding"]["static_per_rank"][c] for c in STATIC}, x["rank"]
+
+
+def test_the_two_card_claims_are_judged_on_sharded_estimates():
+    from bench.modelling.records import estimate_record
+    from bench.render import cards
+    from bench.render.matrix import Case, Pool
+
+    seed = {"model": "llama-2-7b", "method": "full", "device": "cuda", "seq_len": 512, "batch_size": 1}
+    one = estimate_record(RunConfig(**seed))
+    two = estimate_record(RunConfig(**seed, shard="fsdp", world_size=2))
+    cell = cards.sharded_cell(Pool([one, two]), Case("seed", "foreach"), ("a100-40gb", "a100-80gb"))
+    assert cell["record"] == two["id"] and one["id"] in cell["records"]
+    # one 40 GB card is short, two hold a rank each; one 80 GB card is enough, so "needs two" is wrong there
+    assert not one["cards"]["a100-40gb"]["headroom_bytes"] >= 0 and two["cards"]["a100-40gb"]["headroom_bytes"] >= 0
+    assert one["cards"]["a100-80gb"]["headroom_bytes"] >= 0
+    assert cell["verdict"] == "holds for A100 40GB only"
+    seventy = estimate_record(RunConfig(model="llama-2-70b", method="qlora", device="cuda", seq_len=512, batch_size=1,
+                                        grad_checkpointing=True, shard="fsdp", world_size=2), cards=("rtx4090",))
+    cell = cards.seventy_cell(Pool([seventy]), Case("seed"))
+    assert cell["record"] == seventy["id"]
+    assert cell["verdict"].startswith("holds" if seventy["cards"]["rtx4090"]["headroom_bytes"] >= 0 else "refuted")

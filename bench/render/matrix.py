@@ -21,6 +21,7 @@ from bench import recipes
 from bench.render import fmt
 from bench.render.select import recipe_name
 from bench.schema import CATEGORIES, GB, device_name
+from qlora.config import RunConfig
 
 MODEL, SEQ = "llama-2-7b", 512
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -66,12 +67,12 @@ class Pool:
         r=16 on all seven projections, double quantisation, the recipe's checkpointing) with `want` changed; `impl`:
         that AdamW implementation only."""
         setting = {"model": MODEL, "batch_size": 1, "seq_len": SEQ, "method": method, "lora_r": 16,
-                   "lora_targets": ALL7, "double_quant": True,
+                   "lora_targets": ALL7, "double_quant": True, "shard": "none", "world_size": 1,
                    "grad_checkpointing": recipes.get(recipe).settings.get("grad_checkpointing", False), **want}
         hits = [r for r in (self.runs if kind == "run" else self.estimates)
                 if recipes.match(r["config"], ignoring=tuple(want)) == recipe
                 and (impl is None or r.get("optimizer_impl") == impl)
-                and all(_same(r["config"].get(k), v) for k, v in setting.items())]
+                and all(_same(r["config"].get(k, getattr(RunConfig, k, None)), v) for k, v in setting.items())]
         # the newest; among estimates of a recipe, the one with torch's default AdamW unless `impl` says otherwise
         return max(hits, key=lambda r: (r["config"].get("adamw_impl", "default") == "default", r.get("created", "")),
                    default=None)

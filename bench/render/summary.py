@@ -17,7 +17,9 @@ def gb_text(n) -> str:
 
 
 def _shape(c: dict) -> str:
-    return f"{c['batch_size']} x {c['seq_len']}"
+    """Batch x sequence, and for a sharded run or estimate the sharding (its bytes are one rank's)."""
+    shard = c.get("shard", "none")
+    return f"{c['batch_size']} x {c['seq_len']}" + ("" if shard == "none" else f", {shard} x{c['world_size']} per rank")
 
 
 def _source(r: dict) -> str:

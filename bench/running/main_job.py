@@ -60,10 +60,11 @@ def latest(records: list[dict]) -> list[dict]:
 
 
 def run(plan_path: Path, out: Path, *, device: str, budget_gib: float | None = None, timeout_s: float | None = None,
-        fresh: bool = False, dry_run: bool = False, log=print) -> tuple[str, list[dict]]:
+        fresh: bool = False, dry_run: bool = False, estimates_only: bool = False, log=print) -> tuple[str, list[dict]]:
     """Sweep the plan into OUT/results.jsonl, write OUT/estimates.jsonl and OUT/summary.md; return the summary and
     the plan's run records as they stand (what the exit status is judged on). With `dry_run`, check everything and
-    say what would run, and write nothing."""
+    say what would run, and write nothing; with `estimates_only`, run nothing (no sweep, no quality runs) and write
+    the rest from the runs OUT holds."""
     from qlora.assets import AssetError
     from qlora.preflight import preflight
 
@@ -90,7 +91,12 @@ def run(plan_path: Path, out: Path, *, device: str, budget_gib: float | None = N
         kept = results.with_name(f"results-{record.now().replace(':', '')}.jsonl")
         results.rename(kept)
         log(f"--fresh: earlier results moved to {kept}")
-    runs = sweep.run(plan_path, out, device=device, budget_gib=budget_gib, timeout_s=timeout_s, log=log)
+    if estimates_only:
+        if not results.exists():
+            raise ConfigError(f"--estimates-only: {results} holds no runs to report beside the estimates")
+        runs, qualities = [], []
+    else:
+        runs = sweep.run(plan_path, out, device=device, budget_gib=budget_gib, timeout_s=timeout_s, log=log)
     estimates = [estimate_record(RunConfig.from_dict({**c.to_dict(), "layers": None})) for c in plan.estimates]
     record.write_atomic(out / "estimates.jsonl", "".join(json.dumps(e, allow_nan=False) + "\n" for e in estimates))
     scored = []
