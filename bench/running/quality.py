@@ -280,8 +280,20 @@ def rescore(out: Path, log=print) -> list[dict]:
                     if (k := run_key(c.to_dict(), task=name, heldout=digest)) in earlier
                     and earlier[k]["quality"].get("lr_search")}
         new += records(cfgs, task, held, results, searched)
+    new = [_unchanged(earlier, r) for r in new]
     save(out, new)
     return new
+
+
+def _unchanged(earlier: dict, r: dict) -> dict:
+    """The earlier record of r's run where rescoring changed none of its figures (ids, times, the environment and
+    the config's spelling aside: a field added to RunConfig since is not a change), else r."""
+    before = earlier.get(record_key(r))
+    skip = ("id", "created", "env", "config")
+    if before is not None and {k: v for k, v in before.items() if k not in skip} == {
+            k: v for k, v in r.items() if k not in skip}:
+        return before
+    return r
 
 
 def _pool(scores: list[dict]) -> dict:
