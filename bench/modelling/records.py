@@ -131,8 +131,15 @@ def derived(records: list[dict], previous: list[dict] = (), log=lambda line: Non
     return out
 
 
+def reuse(previous: list[dict], new: list[dict]) -> list[dict]:
+    """`new` estimates, each replaced by its earlier record (same setting, same figures) where `previous` holds one:
+    estimating again after an unrelated change renumbers nothing a report cites."""
+    old = {run_key(r["config"]): r for r in previous if r.get("source") == "estimated"}
+    return [old[k] if (k := run_key(e["config"])) in old and _same(old[k], e) else e for e in new]
+
+
 def _same(a: dict, b: dict) -> bool:
     """The same estimate: the same setting (configs compared with defaults filled in, so a record written before a
     config field existed still matches) and the same figures."""
-    fields = ("bytes", "peak_at", "cards", "fit", "purpose", "backward_start")
+    fields = ("bytes", "peak_at", "cards", "fit", "purpose", "backward_start", "sharding")
     return run_key(a["config"]) == run_key(b["config"]) and all(a.get(f) == b.get(f) for f in fields)

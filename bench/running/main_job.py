@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 from bench.measuring import record
-from bench.modelling.records import estimate_record
+from bench.modelling.records import estimate_record, reuse
 from bench.render import summary
 from bench.running import quality, quality_plan, reporting, sweep
 from bench.running.plan import PLANS_DIR, read_plan
@@ -97,7 +97,9 @@ def run(plan_path: Path, out: Path, *, device: str, budget_gib: float | None = N
         runs, qualities = [], []
     else:
         runs = sweep.run(plan_path, out, device=device, budget_gib=budget_gib, timeout_s=timeout_s, log=log)
-    estimates = [estimate_record(RunConfig.from_dict({**c.to_dict(), "layers": None})) for c in plan.estimates]
+    earlier = record.read(out / "estimates.jsonl") if (out / "estimates.jsonl").is_file() else []
+    estimates = reuse(earlier, [estimate_record(RunConfig.from_dict({**c.to_dict(), "layers": None}))
+                                for c in plan.estimates])
     record.write_atomic(out / "estimates.jsonl", "".join(json.dumps(e, allow_nan=False) + "\n" for e in estimates))
     scored = []
     for q in qualities:
