@@ -102,12 +102,14 @@ def run(plan_path: Path, out: Path, *, device: str, budget_gib: float | None = N
                                 for c in plan.estimates])
     record.write_atomic(out / "estimates.jsonl", "".join(json.dumps(e, allow_nan=False) + "\n" for e in estimates))
     scored = []
+    if estimates_only and (out / "quality" / "results.jsonl").is_file():  # the quality results it holds, as they are
+        scored = record.read(out / "quality" / "results.jsonl")
     for q in qualities:
         log(f"quality: {q.task.name}, {len(q.configs)} methods x {q.seeds} seed(s), "
             f"{q.eval_examples} held-out examples")
         scored += quality.run(q.configs, q.task, q.eval_examples, q.seeds, out / "quality", log=log,
                               lr_grid=q.lr_grid)
-    if scored:
+    if scored and not estimates_only:
         quality.save(out / "quality", scored)
     _, derived, _ = reporting.make(out, log=log)
     log(f"report (tables, charts, claims): {out / 'report'}/")
