@@ -128,6 +128,20 @@ def per_rank(cfg, arch, st, act: dict, moments: dict, optimizer_state, optimizer
         out["last_layer_reduce"] = {**base, "gradients": layer_grad_chunks, "activations": saved,
                                     "other": 2 * layer_grads + below + (arch.vocab + 1) * arch.hidden * e
                                     + act["a"] * act["tokens"] * arch.hidden}
+    if full and not cfg.grad_checkpointing and arch.layers >= 2:
+        # [ledger] the end of layer 1's backward (its first norm's), the worst of the layers below the last: layer
+        # 1 gathered and its Linears' unsharded gradients computed, layer 0's all-gather in flight and its
+        # activations saved, layer 2's reduce-scatter input still held (if layer 2 is not the last), every layer
+        # above reduced to its chunk, lm_head's and the norms' unsharded gradients, and the RMSNorm backward's
+        # fp32 temporaries; lower layers hold fewer activations and more chunks, layer 0 nothing in flight
+        e, a, tokens = st.element_bytes, act["a"], act["tokens"]
+        linear_grads = sum(i * o + (o if bias else 0) for _, i, o, bias in arch.linears) * e
+        out["layer_backward"] = {
+            **base, "weights": base["weights"] + layer_bytes, "gradients": (arch.layers - 2) * layer_grad_chunks,
+            "activations": act["total"] - act["loss"] - act["head"] - (arch.layers - 1) * act["layer"]["total"]
+            + 4 * tokens * arch.hidden,
+            "other": (layer_grads if arch.layers > 2 else 0) + in_flight + arch.vocab * arch.hidden * e
+            + 3 * arch.hidden * e + linear_grads + (5 * 4 + a) * tokens * arch.hidden}
     if cfg.method == "full":
         # [ledger] backward through the embeddings: the root's gradients (tied: lm_head's and the embedding's and
         # their sum; untied: lm_head's and the embedding's, and the final norm's) unsharded, beside every layer's

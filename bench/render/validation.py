@@ -18,6 +18,12 @@ def markdown(rows: list[dict], tolerance: float, plan: str = "bench/plans/valida
         "depth from two reduced depths); estimated by `qlora-bench estimate` with no run. Category columns:",
         f"estimate minus measurement in MiB, each at its own peak. Target: peak within {tolerance:.0%}.",
     ]
+    depths = any(r.get("depth_errors") for r in rows)
+    if depths:
+        lines += [
+            "`at each depth`: for an extrapolated row, the estimate at each depth measured against that depth's",
+            "measurement (the estimator itself), apart from the straight line through them (the extrapolation).",
+        ]
     if sharded:
         lines += [
             "Sharded rows are per rank: the measured row is the rank with the highest peak (torchrun, gloo), the",
@@ -28,9 +34,11 @@ def markdown(rows: list[dict], tolerance: float, plan: str = "bench/plans/valida
     lines += [
         "",
         "| model | method | ckpt | attention | LoRA dropout | batch x seq | " + ("shard | " if sharded else "")
-        + "source | measured peak GiB | estimated GiB | peak error | " + ("ranks | " if sharded else "")
+        + "source | measured peak GiB | estimated GiB | peak error | " + ("at each depth | " if depths else "")
+        + ("ranks | " if sharded else "")
         + " | ".join(CATEGORIES) + " | phase (measured / estimated) |",
-        "|---|---|---|---|---|---|---|---|---|---|" + "---|---|" * sharded + "---|" * len(CATEGORIES) + "---|",
+        "|---|---|---|---|---|---|---|---|---|---|" + "---|" * (2 * sharded + depths) + "---|" * len(CATEGORIES)
+        + "---|",
     ]
     for r in rows:
         c = RunConfig.from_dict(r["config"]).to_dict()
@@ -43,11 +51,15 @@ def markdown(rows: list[dict], tolerance: float, plan: str = "bench/plans/valida
             ranks = "- | " if "ranks" not in r else (
                 f"{len(r['ranks']['peak_errors'])}: {max(r['ranks']['peak_errors'], key=abs):+.2%}, static "
                 f"{r['ranks']['static_error_bytes']:+,} B | ")
+        at = ""
+        if depths:
+            at = ", ".join(f"{d['layers']}: {d['peak_error']:+.2%}" for d in r.get("depth_errors", [])) or "-"
+            at += " | "
         lines.append(
             f"| {c['model']} | {c['method']} | {'on' if c['grad_checkpointing'] else 'off'} | {c['attention']} | "
             f"{dropout} | "
             f"{c['batch_size']} x {c['seq_len']} | {shard}{r['source']} | {r['measured_peak'] / GiB:.3f} | "
-            f"{r['estimated_peak'] / GiB:.3f} | {r['peak_error']:+.2%}{flag} | {ranks}{cats} | "
+            f"{r['estimated_peak'] / GiB:.3f} | {r['peak_error']:+.2%}{flag} | {at}{ranks}{cats} | "
             f"{r['measured_phase']} / {r['estimated_phase']} |")
     worst = max((abs(r["peak_error"]) for r in rows), default=0.0)
     lines += ["", f"{len(rows)} rows; largest peak error {worst:.2%}.", ""]

@@ -7,9 +7,11 @@ Rows already measured in OUT/measured.jsonl (same config) are not measured again
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from bench.measuring import record
+from bench.modelling.estimate import estimate_bytes
 from bench.modelling.records import estimate_record
 from bench.render import validation
 from bench.running.plan import load_plan
@@ -66,6 +68,10 @@ def run(plan: str | Path, out: str | Path, measure_fn) -> list[dict]:
         estimates.append(e)
         if m["status"] == "ok":
             rows.append(compare(m, e))
+            if m.get("measured_at"):  # the estimator at each depth measured, apart from the straight line through them
+                rows[-1]["depth_errors"] = [
+                    {"layers": d["layers"], "peak_error": estimate_bytes(replace(est_cfg, layers=d["layers"]))[
+                        "bytes"]["peak"] / d["bytes"]["peak"] - 1} for d in m["measured_at"]]
     write(out, rows, estimates, plan)
     return rows
 
