@@ -24,6 +24,14 @@ def markdown(rows: list[dict], tolerance: float, plan: str = "bench/plans/valida
             "`at each depth`: for an extrapolated row, the estimate at each depth measured against that depth's",
             "measurement (the estimator itself), apart from the straight line through them (the extrapolation).",
         ]
+    deepspeed = next((r["deepspeed"] for r in rows if r.get("deepspeed")), None)
+    if deepspeed:
+        lines += [
+            f"`DeepSpeed`: deepspeed {deepspeed['version']}'s own estimators (no offload) of the model states per",
+            "GPU for ZeRO-3 and ZeRO-2, beside the largest static bytes a rank measured: they assume mixed-precision",
+            "Adam on every parameter (18 bytes each over the GPUs; frozen LoRA bases counted as trained), no",
+            "activations.",
+        ]
     if sharded:
         lines += [
             "Sharded rows are per rank: the measured row is the rank with the highest peak (torchrun, gloo), the",
@@ -35,9 +43,11 @@ def markdown(rows: list[dict], tolerance: float, plan: str = "bench/plans/valida
         "",
         "| model | method | ckpt | attention | LoRA dropout | batch x seq | " + ("shard | " if sharded else "")
         + "source | measured peak GiB | estimated GiB | peak error | " + ("at each depth | " if depths else "")
-        + ("ranks | " if sharded else "")
+        + ("ranks | " if sharded else "") + ("model states GiB: measured / DeepSpeed ZeRO-3, ZeRO-2 | " if deepspeed
+                                               else "")
         + " | ".join(CATEGORIES) + " | phase (measured / estimated) |",
-        "|---|---|---|---|---|---|---|---|---|---|" + "---|" * (2 * sharded + depths) + "---|" * len(CATEGORIES)
+        "|---|---|---|---|---|---|---|---|---|---|" + "---|" * (2 * sharded + depths + bool(deepspeed))
+        + "---|" * len(CATEGORIES)
         + "---|",
     ]
     for r in rows:
@@ -55,11 +65,16 @@ def markdown(rows: list[dict], tolerance: float, plan: str = "bench/plans/valida
         if depths:
             at = ", ".join(f"{d['layers']}: {d['peak_error']:+.2%}" for d in r.get("depth_errors", [])) or "-"
             at += " | "
+        ds = ""
+        if deepspeed:
+            d = r.get("deepspeed")
+            ds = "- | " if d is None else (f"{d['measured_static_bytes'] / GiB:.3f} / {d['zero3_bytes'] / GiB:.3f}, "
+                                           f"{d['zero2_bytes'] / GiB:.3f} | ")
         lines.append(
             f"| {c['model']} | {c['method']} | {'on' if c['grad_checkpointing'] else 'off'} | {c['attention']} | "
             f"{dropout} | "
             f"{c['batch_size']} x {c['seq_len']} | {shard}{r['source']} | {r['measured_peak'] / GiB:.3f} | "
-            f"{r['estimated_peak'] / GiB:.3f} | {r['peak_error']:+.2%}{flag} | {at}{ranks}{cats} | "
+            f"{r['estimated_peak'] / GiB:.3f} | {r['peak_error']:+.2%}{flag} | {at}{ranks}{ds}{cats} | "
             f"{r['measured_phase']} / {r['estimated_phase']} |")
     worst = max((abs(r["peak_error"]) for r in rows), default=0.0)
     lines += ["", f"{len(rows)} rows; largest peak error {worst:.2%}.", ""]

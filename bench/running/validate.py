@@ -11,7 +11,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from bench.measuring import record
-from bench.modelling.estimate import estimate_bytes
+from bench.modelling.deepspeed_ref import zero_model_states
+from bench.modelling.estimate import arch_of, estimate_bytes
 from bench.modelling.records import estimate_record
 from bench.render import validation
 from bench.running.plan import load_plan
@@ -68,6 +69,11 @@ def run(plan: str | Path, out: str | Path, measure_fn) -> list[dict]:
         estimates.append(e)
         if m["status"] == "ok":
             rows.append(compare(m, e))
+            if m.get("ranks"):  # DeepSpeed's own estimator beside the measured model states, where it imports
+                states = zero_model_states(arch_of(est_cfg), cfg.world_size)
+                if states is not None:
+                    rows[-1]["deepspeed"] = {**states, "measured_static_bytes": max(
+                        sum(x["static"].values()) for x in m["ranks"])}
             if m.get("measured_at"):  # the estimator at each depth measured, apart from the straight line through them
                 rows[-1]["depth_errors"] = [
                     {"layers": d["layers"], "peak_error": estimate_bytes(replace(est_cfg, layers=d["layers"]))[
