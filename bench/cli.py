@@ -102,7 +102,11 @@ def cmd_estimate(args) -> int:
     gpu = gpus.lookup(args.gpu) if args.gpu else None
     if (args.max or args.trials) and gpu is None:
         raise BadInput("--max and --trials need --gpu NAME (see --gpu list)")
+    if args.plan_cards and gpu is None:
+        raise BadInput("--plan-cards needs --gpu NAME (see --gpu list)")
     configs = configs_from_args(args, default_device_name="cuda", device_check=False)
+    if args.plan_cards:
+        return plan_cards(configs, gpu, args.json)
     records = []
     for cfg in configs:
         r = estimate_record(cfg)
@@ -114,6 +118,36 @@ def cmd_estimate(args) -> int:
             print(json.dumps(r, allow_nan=False))
     else:
         print_estimates(records, gpu)
+    return 0
+
+
+PLAN_CARDS = ((1, "none"), *((n, s) for n in (2, 4, 8) for s in ("fsdp", "fsdp-grad-op", "ddp")))
+
+
+def plan_cards(configs, gpu, as_json: bool) -> int:
+    """For each method: which card count and sharding fits `gpu`, per rank, and the longest sequence per rank."""
+    from dataclasses import replace
+
+    from bench.modelling.estimate import arch_of
+    from bench.modelling.records import estimate_record, fit_on
+
+    for cfg in configs:
+        if not as_json:
+            print(f"{cfg.model} {cfg.method} on {gpu.label}, batch {cfg.batch_size} x seq {cfg.seq_len} per rank "
+                  "(estimated; peak per rank, rank 0)")
+        for n, shard in PLAN_CARDS:
+            c = replace(cfg, world_size=n, shard=shard)
+            r = estimate_record(c, cards=())
+            r["on_gpu"] = fit_on(gpu, c, r["bytes"]["peak"], limits=True)
+            if as_json:
+                print(json.dumps(r, allow_nan=False))
+                continue
+            f = r["on_gpu"]
+            longest = "no length fits" if f["max_seq_len"] is None else f"longest seq {f['max_seq_len']:,}"
+            if f["max_seq_len"] is not None and f["max_seq_len"] == arch_of(c).max_positions:
+                longest += " (the model's maximum)"
+            print(f"  {n} x {shard:<13}{r['bytes']['peak'] / GiB:>9.2f} GiB  "
+                  f"{'fits' if f['fits'] else 'does not fit':<13}{f['headroom_bytes'] / GiB:>+8.2f} GiB  {longest}")
     return 0
 
 
@@ -253,6 +287,8 @@ def parser() -> Parser:
                    "CUDA reports): does it fit, with what headroom")
     e.add_argument("--max", action="store_true", help="largest sequence length and batch that fit on --gpu")
     e.add_argument("--trials", action="store_true", help="how many such runs fit side by side on --gpu")
+    e.add_argument("--plan-cards", action="store_true", help="on 1, 2, 4 and 8 of --gpu, each sharding: the peak "
+                   "per rank, whether it fits and the longest sequence per rank (the setting's batch per rank)")
     e.add_argument("--json", action="store_true", help="print one result record (source: estimated) per method")
     e.set_defaults(func=cmd_estimate)
     v = sub.add_parser("validate", help="estimate vs measurement over a plan's matrix; writes records and a table")

@@ -204,3 +204,15 @@ def test_the_two_card_claims_are_judged_on_sharded_estimates():
     cell = cards.seventy_cell(Pool([seventy]), Case("seed"))
     assert cell["record"] == seventy["id"]
     assert cell["verdict"].startswith("holds" if seventy["cards"]["rtx4090"]["headroom_bytes"] >= 0 else "refuted")
+
+
+def test_plan_cards_lists_each_card_count_and_sharding(capsys):
+    assert main(["estimate", "tiny-llama", "--method", "full", "--seq-len", "64", "--gpu", "t4", "--plan-cards",
+                 "--json"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["config"]["world_size"], r["config"]["shard"]) for r in records][:4] == [
+        (1, "none"), (2, "fsdp"), (2, "fsdp-grad-op"), (2, "ddp")]
+    peaks = {(r["config"]["world_size"], r["config"]["shard"]): r["bytes"]["peak"] for r in records}
+    assert peaks[(8, "fsdp")] < peaks[(2, "fsdp")] < peaks[(1, "none")] < peaks[(2, "ddp")]
+    assert all(r["on_gpu"]["max_seq_len"] == 256 for r in records)  # tiny-llama's cap: everything fits a T4
+    assert main(["estimate", "tiny-llama", "--plan-cards"]) == 2
