@@ -171,8 +171,9 @@ def test_impossible_settings_exit_2(capsys, argv, named):
     assert named in capsys.readouterr().err
 
 
-def committed_rows():
-    path = VALIDATION / "measured.jsonl"
+def committed_rows(folder: Path = VALIDATION) -> list[dict]:
+    """The measurements a committed validation folder holds (none where it does not exist)."""
+    path = folder / "measured.jsonl"
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

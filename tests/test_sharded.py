@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from test_estimate import committed_rows
 
 from bench.cli import main
 from bench.measuring.measure import check, measure
@@ -167,14 +168,7 @@ def test_a_killed_rank_is_an_error_record_and_leaves_nothing_behind(tiny):
 VALIDATION = Path(__file__).parent.parent / "reports" / "estimate-validation-sharded"
 
 
-def committed_rows():
-    path = VALIDATION / "measured.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-@pytest.mark.parametrize("measured", committed_rows(), ids=lambda r: "-".join(
+@pytest.mark.parametrize("measured", committed_rows(VALIDATION), ids=lambda r: "-".join(
     str(r["config"][k]) for k in ("model", "method", "shard", "world_size", "seq_len")))
 def test_committed_sharded_validation_still_holds(measured):
     """Re-estimate every committed torchrun measurement, rank by rank: an estimator change that breaks the 5% target
