@@ -210,3 +210,17 @@ def test_plan_cards_lists_each_card_count_and_sharding(capsys):
     assert peaks[(8, "fsdp")] < peaks[(2, "fsdp")] < peaks[(1, "none")] < peaks[(2, "ddp")]
     assert all(r["on_gpu"]["max_seq_len"] == 256 for r in records)  # tiny-llama's cap: everything fits a T4
     assert main(["estimate", "tiny-llama", "--plan-cards"]) == 2
+
+
+@pytest.mark.slow
+def test_a_sweep_plan_runs_sharded_rows_and_resumes_them(tmp_path):
+    from bench.running import sweep
+
+    plan = tmp_path / "plan.toml"
+    plan.write_text('[[group]]\nmodel = ["tiny-llama"]\nmethod = ["lora"]\nshard = ["fsdp"]\nworld_size = [2]\n'
+                    'seq_len = [64]\nbatch_size = [2]\nsteps = [1]\n')
+    records = sweep.run(plan, tmp_path / "out", device="cpu", log=lambda line: None)
+    assert [r["status"] for r in records] == ["ok"]
+    assert records[0]["world_size"] == 2 and len(records[0]["ranks"]) == 2
+    again = sweep.run(plan, tmp_path / "out", device="cpu", log=lambda line: None)  # resumed: nothing measured
+    assert [r["id"] for r in again] == [records[0]["id"]]
