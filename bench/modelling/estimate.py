@@ -256,7 +256,8 @@ def activations(cfg: RunConfig, arch: Arch) -> dict:
 
 
 # The step's phase each moment falls in, where it is not backward (the sharded moments: bench.modelling.sharding)
-PHASE_OF = {"optimizer": "optimizer", "loss_forward": "forward", "first_layer_forward": "forward"}
+PHASE_OF = {"optimizer": "optimizer", "loss_forward": "forward", "first_layer_forward": "forward",
+            "last_layer_forward": "forward"}
 
 
 def estimate_bytes(cfg: RunConfig, arch: Arch | None = None, device_type: str | None = None) -> dict:

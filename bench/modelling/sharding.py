@@ -104,6 +104,15 @@ def per_rank(cfg, arch, st, act: dict, moments: dict, optimizer_state, optimizer
     out["first_layer_forward"] = {**base, "weights": base["weights"] + layer_bytes, "gradients": 0,
                                   "activations": 2 * a * tokens * arch.head_dim + (8 * tokens if full else 0),
                                   "other": root_bytes + layer_bytes + a * tokens * arch.hidden}
+    if arch.layers >= 2:
+        # [ledger] the last layer's forward begins: it is gathered, its flat all-gather buffer and the previous
+        # layer's are both held, every layer below has saved its activations, the hidden state and its copy
+        # (the residual) are live
+        out["last_layer_forward"] = {
+            **base, "weights": base["weights"] + (gathered_layers or layer_bytes), "gradients": 0,
+            "activations": act["total"] - act["loss"] - act["head"]
+            - (a * tokens * arch.hidden if cfg.grad_checkpointing else act["layer"]["total"]),  # its input only
+            "other": 2 * layer_bytes + 2 * a * tokens * arch.hidden}
     # [ledger] the loss in forward: every activation is saved, the bf16 logits and their fp32 copy are live (the
     # log-softmax is saved), and the last layer's flat all-gather buffer is held until the root's forward ends
     out["loss_forward"] = {**base, "weights": base["weights"] + gathered_layers, "gradients": 0,
