@@ -23,8 +23,8 @@ def zero_model_states(arch, world_size: int) -> dict | None:
     except Exception:  # noqa: BLE001 - not installed, or its import fails on this machine: no comparison
         return None
     total, largest = sum(arch.param_numels), max(arch.param_numels)
-    _, zero3 = estimate_zero3_model_states_mem_needs(total, largest, num_gpus_per_node=world_size, num_nodes=1,
-                                                     cpu_offload=False, cpu_offload_params=False)
+    zero3 = estimate_zero3_model_states_mem_needs(total, largest, num_gpus_per_node=world_size, num_nodes=1,
+                                                  cpu_offload=False, cpu_offload_params=False)[1]  # (cpu, gpu, layer)
     _, zero2 = estimate_zero2_model_states_mem_needs(total, num_gpus_per_node=world_size, num_nodes=1,
                                                      cpu_offload=False)
     return {"version": deepspeed.__version__, "zero2_bytes": zero2, "zero3_bytes": zero3, "parameters": total,
