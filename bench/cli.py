@@ -47,6 +47,9 @@ def cmd_train(args) -> int:
     from bench.running import train
 
     configs = configs_from_args(args)
+    if any(c.shard != "none" for c in configs):
+        raise BadInput(f"train runs on one device; --shard {configs[0].shard} --gpus {configs[0].world_size} is for "
+                       "estimate and measure")
     status = 0
     for cfg in configs:
         try:

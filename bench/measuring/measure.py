@@ -199,6 +199,8 @@ def measure(cfg: RunConfig, run=in_this_process, budget: int | None = None) -> d
         else:
             near = measure_at(replace(cfg, layers=cfg.layers // 2))
             raw = measure_at(cfg)
+            if "ranks" in raw:  # one rank through both depths: the one with the highest peak at the larger
+                near = {**near["ranks"][raw["rank"]], "ranks": near["ranks"]}
             fields = extrapolate(near, raw, full_depth)
             figures = None  # the device saw smaller models; their own figures are under measured_at
             extra = {"measured_at": [_depth_summary(near), _depth_summary(raw)], "timeline_layers": raw["layers"]}

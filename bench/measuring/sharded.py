@@ -3,8 +3,10 @@
 `launch(cfg)` runs in an isolated run's process (bench.measuring.runner) and starts `torch.distributed.run` with
 cfg.world_size ranks of bench.measuring.rank; each builds the model, shards it (`wrap`), runs measure_once's steps
 and writes its raw figures to its own file. A rank that fails writes why and exits non-zero, so torchrun stops the
-others (they would wait forever in a collective); a rank killed outright writes nothing and is named as such. The
-launch is in the run's process group: a time-out or the caller's death takes torchrun and every rank with it.
+others (they would wait forever in a collective); a rank killed outright writes nothing and is named as such.
+torchrun is in the run's process group, its ranks in sessions of their own: each rank asks the kernel, before any
+import, to kill it when its parent (torchrun's agent) dies, so a time-out or the caller's death, which kill the
+agent, take every rank with it.
 
 Sharding (RunConfig.shard), as users run it with FSDP2 (torch.distributed.fsdp.fully_shard):
 - fsdp: fully_shard on every decoder layer, then on the root (embeddings, final norm, lm_head, and anything else).
@@ -38,8 +40,8 @@ RANK_FILE = "rank{}.json"
 def check(cfg: RunConfig) -> None:
     """Refuse what this harness cannot measure sharded, with the value named."""
     if cfg.shard not in MEASURED_SHARDS:
-        raise ConfigError(f"shard {cfg.shard!r} is estimated only (qlora-bench estimate --gpus N --shard "
-                          f"{cfg.shard}); measured sharding: {', '.join(MEASURED_SHARDS)}")
+        raise ConfigError(f"shard {cfg.shard!r} is estimated only (qlora-bench estimate --gpus {cfg.world_size} "
+                          f"--shard {cfg.shard}); measured sharding: {', '.join(MEASURED_SHARDS)}")
     if cfg.quantized:
         raise ConfigError(f"method qlora with shard {cfg.shard}: FSDP2 on this stack (torch 2.13, bitsandbytes 0.50) "
                           "turns each 4-bit weight into a DTensor without its quant_state (AttributeError: 'DTensor' "
@@ -65,9 +67,8 @@ def wrap(model, cfg: RunConfig):
     # the root as users write it: FSDP2's default keeps the root gathered from forward to backward
     fully_shard(model, **({} if reshard else {"reshard_after_forward": False}))
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    for unit in units:  # the all-gather buffers are created on a unit's first gather: make them exist now
-        unit.unshard()
-    for unit in units:
+    for unit in units:  # the all-gather buffers are created on a unit's first gather: make them exist now, one unit
+        unit.unshard()  # at a time (never the whole model gathered at once)
         unit.reshard()
     return model, lambda: gathered_storages(units)
 
@@ -111,28 +112,30 @@ def launch(cfg: RunConfig, budget: int | None = None) -> dict:
             if f.is_file():
                 answers[r] = json.loads(f.read_text())
     failed = {r: a["failure"] for r, a in answers.items() if "failure" in a}
-    if failed:
-        r, why = min(failed.items(), key=lambda kv: (kv[1]["kind"] != "config", kv[1]["kind"] != "oom", kv[0]))
-        if why["kind"] == "config":
-            raise ConfigError(why["message"])
-        raise RunFailed(why["kind"], f"rank {r} of {cfg.world_size}: {why['message']}", **why.get("extra", {}))
+    config = next((why for why in failed.values() if why["kind"] == "config"), None)
+    if config is not None:
+        raise ConfigError(config["message"])
     missing = [r for r in range(cfg.world_size) if r not in answers]
-    if missing:
+    if missing:  # a rank killed outright is the cause; the others' failures (a peer gone from a collective) follow
         evidence = death_by_signal(-9, before, "") if proc.returncode else None
         if evidence is not None and evidence.status == "oom":
             raise RunFailed("oom", f"rank {missing[0]} of {cfg.world_size}: {evidence}")
         last = last_line(_rank_error(proc.stderr, missing[0]) or proc.stderr) or f"exit code {proc.returncode}"
         raise RunFailed("error", f"rank {missing[0]} of {cfg.world_size} ended without a result (torchrun exit "
                                  f"code {proc.returncode}): {last[:300]}")
+    if failed:  # the first to fail (the others may only have lost it as a peer); an out-of-memory before all else
+        r, why = min(failed.items(), key=lambda kv: (kv[1]["kind"] != "oom", kv[1].get("at", 0), kv[0]))
+        raise RunFailed(why["kind"], f"rank {r} of {cfg.world_size}: {why['message']}", **why.get("extra", {}))
     return {"ranks": [answers[r]["result"] for r in range(cfg.world_size)]}
 
 
 def _rank_error(text: str, rank: int) -> str | None:
-    """torchrun's report of how a rank ended (`exitcode  : -9 (pid: ...)` under `[n]:`), if it gave one."""
+    """torchrun's report of how a rank ended: the block of its failure list (numbered by position, not rank)
+    whose `rank      : N (local_rank: ...)` line is this rank's, if it gave one."""
     lines = text.splitlines()
     for i, line in enumerate(lines):
-        if line.strip().startswith(f"[{rank}]:"):
-            block = " ".join(x.strip() for x in lines[i:i + 6])
+        if line.strip().startswith("rank") and line.split(":", 1)[-1].strip().startswith(f"{rank} ("):
+            block = " ".join(x.strip() for x in lines[max(0, i - 3):i + 4])
             if "exitcode" in block:
                 return block
     return None

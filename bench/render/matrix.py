@@ -79,8 +79,10 @@ class Pool:
 
     def variants(self, method: str, recipe: str, **want) -> list[dict]:
         """Every CUDA estimate of `method` under `recipe` with `want`, whatever its rank, targets or length."""
+        want = {"shard": "none", "world_size": 1, **want}  # one device's, unless asked
         return [r for r in self.estimates if r["config"]["method"] == method and r["config"]["model"] == MODEL
-                and recipe_name(r["config"]) == recipe and all(_same(r["config"].get(k), v) for k, v in want.items())]
+                and recipe_name(r["config"]) == recipe
+                and all(_same(r["config"].get(k, getattr(RunConfig, k, None)), v) for k, v in want.items())]
 
 
 @dataclass(frozen=True)

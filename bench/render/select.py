@@ -57,7 +57,7 @@ class Estimates:
 def template(records: list[dict]) -> dict | None:
     """The setting the curves and the fit matrix are drawn for: the first estimate's (not a derived fit)."""
     return next((r["config"] for r in records if r["source"] == "estimated" and not r.get("fit")
-                 and not r.get("purpose")), None)
+                 and not r.get("purpose") and r["config"].get("shard", "none") == "none"), None)
 
 
 def runs(records: list[dict]) -> list[dict]:
@@ -72,7 +72,8 @@ def method_groups(records: list[dict]) -> list[tuple[tuple, list[dict]]]:
     out: dict[tuple, dict[str, dict]] = {}
     for r in runs(records):
         c = r["config"]
-        key = (c["model"], c["batch_size"], c["seq_len"], c["grad_checkpointing"], c["precision"], device_name(r))
+        key = (c["model"], c["batch_size"], c["seq_len"], c["grad_checkpointing"], c["precision"], device_name(r),
+               c.get("shard", "none"), c.get("world_size", 1))  # a rank's bytes are not a single device's
         out.setdefault(key, {})[c["method"]] = r
     found = [(k, [v[m] for m in METHODS if m in v]) for k, v in out.items() if len(v) >= 2]
     best: dict[tuple, tuple] = {}

@@ -68,13 +68,15 @@ def run(plan_path: Path, out: Path, *, device: str, budget_gib: float | None = N
     from qlora.assets import AssetError
     from qlora.preflight import preflight
 
+    if fresh and estimates_only:
+        raise ConfigError("--fresh measures every run again; --estimates-only measures none: choose one")
     plan = read_plan(plan_path, device)
     # Bad input fails here, before the first run: the runs, the estimates and the quality options.
     sweep.checked_runs(plan_path, device)
     for c in plan.estimates:
         preflight(c, device=False)
     qualities, skipped = [], []
-    for spec in plan.quality:
+    for spec in [] if estimates_only else plan.quality:
         try:
             qualities.append(quality_plan.prepare(spec, device))
         except AssetError as e:  # no network and no cached wheel (a lent GPU): measure what can be, say what not
