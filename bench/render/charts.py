@@ -49,9 +49,15 @@ def save(fig, out: Path, name: str, tight: bool = True) -> list[str]:
 
 
 def _title(key: tuple, sources: set[str]) -> str:
-    model, batch, seq, ckpt, precision, device = key
-    return (f"{model}, batch {batch} x seq {seq}{', checkpointing' if ckpt else ''}, {precision}\n"
+    model, batch, seq, ckpt, precision, device, shard, ranks = key
+    per_rank = f", {shard} x{ranks} per rank" if shard != "none" else ""
+    return (f"{model}, batch {batch} x seq {seq}{', checkpointing' if ckpt else ''}, {precision}{per_rank}\n"
             f"on {device} ({' and '.join(sorted(sources))})")
+
+
+def _name(key: tuple) -> str:
+    """A method group's file-name part: model, batch, sequence, checkpointing, and a sharding if any."""
+    return slug("-".join(map(str, key[:4] + (key[6:] if key[6] != "none" else ()))))
 
 
 def breakdown(records: list[dict], out: Path) -> list[str]:
@@ -73,7 +79,7 @@ def breakdown(records: list[dict], out: Path) -> list[str]:
         ax.set_title("Memory by category, " + _title(key, {r["source"] for r in rs}))
         ax.legend(frameon=False, fontsize=8, loc="upper right")
         ax.set_ylim(0, max(bottom) * 1.15)
-        files += save(fig, out, f"breakdown-{slug('-'.join(map(str, key[:4])))}")
+        files += save(fig, out, f"breakdown-{_name(key)}")
     return files
 
 
@@ -283,7 +289,7 @@ def timeline(records: list[dict], out: Path) -> list[str]:
                      f"seq {seq}{', checkpointing' if ckpt else ''}, {precision}, on {device}\n(the run itself, not "
                      "scaled: reduced-depth runs show their measured depth; the tables give the extrapolation)",
                      fontsize=8)
-        files += save(fig, out, f"timeline-{slug('-'.join(map(str, key[:4])))}")
+        files += save(fig, out, f"timeline-{_name(key)}")
     return files
 
 
