@@ -284,9 +284,11 @@ def timeline(records: list[dict], out: Path) -> list[str]:
             ax.set_ylabel("live GB" + (f" at {depth} layers" if depth and depth != r.get("layers") else ""))
             ax.set_ylim(0, max(totals) * 1.2)
         axes[0][-1].legend(frameon=False, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
-        model, batch, seq, ckpt, precision, device = key
+        model, batch, seq, ckpt, precision, device, shard, ranks = key
+        per_rank = f", {shard} x{ranks}, one rank" if shard != "none" else ""
         fig.suptitle(f"Live memory through one training step, as the ledger recorded it: {model}, batch {batch} x "
-                     f"seq {seq}{', checkpointing' if ckpt else ''}, {precision}, on {device}\n(the run itself, not "
+                     f"seq {seq}{', checkpointing' if ckpt else ''}, {precision}{per_rank}, on {device}\n(the run "
+                     "itself, not "
                      "scaled: reduced-depth runs show their measured depth; the tables give the extrapolation)",
                      fontsize=8)
         files += save(fig, out, f"timeline-{_name(key)}")
