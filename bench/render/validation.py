@@ -55,7 +55,9 @@ def markdown(rows: list[dict], tolerance: float, plan: str = "bench/plans/valida
         dropout = c["lora_dropout"] if c["method"] != "full" else "-"
         cats = " | ".join(f"{r['category_error_bytes'][k] / MiB:+.2f}" for k in CATEGORIES)
         flag = "" if abs(r["peak_error"]) <= tolerance else " ⚠"
-        shard = f"{c['shard']} x{c['world_size']} | " if sharded else ""
+        setting = "".join(f", {v}" for v in (c["precision"] if c["precision"] != "bf16" else None,
+                                             f"{c['adamw_impl']} AdamW" if c["adamw_impl"] != "default" else None) if v)
+        shard = f"{c['shard']} x{c['world_size']}{setting} | " if sharded else ""
         ranks = ""
         if sharded:
             ranks = "- | " if "ranks" not in r else (
