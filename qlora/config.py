@@ -32,8 +32,8 @@ Attention = Literal["sdpa", "eager"]
 # Data parallelism over world_size ranks, one device each. none: one process. fsdp: FSDP2 fully_shard per decoder
 # layer and at the root: parameters, gradients and optimizer state sharded across ranks, each layer's parameters
 # all-gathered for its forward and again for its backward (ZeRO-3's layout). fsdp-grad-op: the same, but a layer's
-# gathered parameters stay from its forward to its backward (reshard_after_forward=False: FSDP1's SHARD_GRAD_OP,
-# ZeRO-2's memory). ddp: torch DistributedDataParallel, every rank holds everything plus gradient buckets.
+# gathered parameters stay from its forward to its backward (reshard_after_forward=False: FSDP1's SHARD_GRAD_OP).
+# ddp: torch DistributedDataParallel, every rank holds everything plus gradient buckets.
 Shard = Literal["none", "fsdp", "fsdp-grad-op", "ddp"]
 
 # All seven projections of a Llama/Mistral/Qwen2 block: the QLoRA paper's finding is that adapting every linear

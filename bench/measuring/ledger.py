@@ -186,9 +186,7 @@ class Ledger(TorchDispatchMode):
         self._freed(key)
 
     def _freed(self, key: int) -> None:
-        if key not in self.records:
-            return
-        rec = self.records.pop(key)
+        rec = self.records.pop(key, None)
         if rec is None:
             return
         if self._dirty:  # the first free after a new maximum: what is live now is what was live at the peak

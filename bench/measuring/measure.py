@@ -114,14 +114,20 @@ def measure_once(cfg: RunConfig, budget: int | None = None, seed_offset: int = 0
         # a sharded rank's all-gathered parameters live at the peak (in `weights`, beside its own shard)
         "gathered_bytes": ledger.gathered_bytes(),
         # what the rank holds as its optimizer step starts: its shards of weights, gradients and optimizer state
-        "static": {c: ledger.categories_at("optimizer")[c] for c in STATIC},
+        "static": {c: v for c, v in ledger.categories_at("optimizer").items() if c in STATIC},
     }
+
+
+def linear(near: dict, far: dict, n0: int, n1: int, depth: int, keys=CATEGORIES) -> dict:
+    """`keys` linear in depth through two measurements (n0 < n1 layers), in whole bytes: exact for quantities that
+    are a fixed part plus a per-layer part."""
+    return {k: int(round(near[k] + (far[k] - near[k]) * (depth - n0) / (n1 - n0))) for k in keys}
 
 
 def extrapolate_bytes(near: dict, far: dict, n0: int, n1: int, depth: int) -> dict:
     """Categories linear in depth through two measurements (n0 < n1 layers): exact for quantities that are a fixed
     part plus a per-layer part, which holds when both peaks fall at the same point of the step."""
-    out = {c: int(round(near[c] + (far[c] - near[c]) * (depth - n0) / (n1 - n0))) for c in CATEGORIES}
+    out = linear(near, far, n0, n1, depth)
     out["peak"] = sum(out.values())
     return out
 
@@ -234,15 +240,11 @@ def measure(cfg: RunConfig, run=in_this_process, budget: int | None = None) -> d
 def _rank_summary(raw: dict, fields: dict, near: dict | None = None, depth: int | None = None) -> dict:
     """One rank's figures in a sharded run's record (`fields`: its bytes, first step, backward start and step time,
     measured, or extrapolated to `depth` from `near`, the same rank at the smaller depth)."""
-    gathered = raw["gathered_bytes"]
+    gathered, static = raw["gathered_bytes"], raw["static"]
     if near is not None:  # linear in depth, as the categories are
-        slope = (gathered - near["gathered_bytes"]) / (raw["layers"] - near["layers"])
-        gathered = int(round(gathered + slope * (depth - raw["layers"])))
-    static = raw["static"]
-    if near is not None:
-        static = extrapolate_bytes({**near["static"], "activations": 0, "other": 0},
-                                   {**static, "activations": 0, "other": 0}, near["layers"], raw["layers"], depth)
-        static = {c: static[c] for c in STATIC}
+        n0, n1 = near["layers"], raw["layers"]
+        gathered = linear(near, raw, n0, n1, depth, ("gathered_bytes",))["gathered_bytes"]
+        static = linear(near["static"], static, n0, n1, depth, STATIC)
     return {"rank": raw["rank"], "bytes": fields["bytes"], "gathered_bytes": gathered, "static": static,
             "backward_start": fields["backward_start"], "first_step": fields["first_step"],
             "peak_at": raw["peak_at"], "step_seconds": fields["step_seconds"], **raw["device_figures"]}

@@ -4,24 +4,16 @@ run and writes its raw figures, or why it failed, to its own file."""
 from __future__ import annotations
 
 import os
-import sys
 
-if __name__ == "__main__":  # before any slow import: die with torchrun's agent (ranks run in sessions of their own)
-    PARENT = os.getppid()
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != PARENT:  # the agent died before the request was made
-        os._exit(1)
+PARENT = os.getppid()  # torchrun's agent, read before anything else can outlive it
 
 import json  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 from dataclasses import replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from bench.measuring.runner import _die_with_parent, failure  # noqa: E402 - light: no torch
 from bench.measuring.sharded import RANK_FILE  # noqa: E402
 from qlora.config import RunConfig  # noqa: E402
 
@@ -31,7 +23,6 @@ def _rank_main(payload_path: str, out_dir: str) -> None:
     import torch.distributed as dist
 
     from bench.measuring.measure import measure_once
-    from bench.measuring.runner import failure
 
     rank, local = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     payload = json.loads(Path(payload_path).read_text())
@@ -67,4 +58,5 @@ def _rank_main(payload_path: str, out_dir: str) -> None:
 
 
 if __name__ == "__main__":
+    _die_with_parent(PARENT)  # before torch: ranks run in sessions of their own, so only this takes them down
     _rank_main(*sys.argv[1:3])

@@ -235,9 +235,10 @@ def _resolve(target: str):
     return obj
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(parent: int | None = None) -> None:
     """Ask the kernel to SIGKILL this process when its parent dies (Linux), however the parent ends: a run that
-    outlived its sweep would hold the memory the next run is measured in, while the sweep's claim on it is gone."""
+    outlived its sweep would hold the memory the next run is measured in, while the sweep's claim on it is gone.
+    `parent`: the pid it was started by (default: $QLORA_BENCH_PARENT), to exit at once if that one is already gone."""
     try:
         import ctypes
 
@@ -245,7 +246,7 @@ def _die_with_parent() -> None:
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         return
-    if os.getppid() != int(os.environ.get("QLORA_BENCH_PARENT", os.getppid())):
+    if os.getppid() != (parent or int(os.environ.get("QLORA_BENCH_PARENT", os.getppid()))):
         os._exit(1)  # the parent was already gone before the request was made
 
 
@@ -253,10 +254,11 @@ def failure(e: BaseException) -> dict:
     """How a run's process reports an exception to its parent: bad input (`config`), `oom` or `error`, one line."""
     if isinstance(e, ConfigError):
         return {"kind": "config", "message": str(e)}
-    message = (f"{type(e).__name__}: {e}".strip().splitlines() or [type(e).__name__])[0]
-    extra = {"oom_bytes": e.live} if hasattr(e, "live") else {}
-    if isinstance(e, RunFailed):
+    if isinstance(e, RunFailed):  # classified where it happened (a sharded launch's rank)
         message, extra = e.message, dict(e.extra)
+    else:
+        message = (f"{type(e).__name__}: {e}".strip().splitlines() or [type(e).__name__])[0]
+        extra = {"oom_bytes": e.live} if hasattr(e, "live") else {}
     return {"kind": "oom" if is_oom(e) else "error", "message": message, "extra": extra}
 
 

@@ -8,10 +8,10 @@ Sources, cited where used:
   its parameters; the root stays gathered from its forward to the end of backward; gradients are reduce-scattered
   from a flat buffer of the unit's unsharded gradients into the rank's chunk, and that input buffer is held until
   the next unit's reduce-scatter. Optimizer state follows the chunks.
-- [ledger] bench.measuring.sharded: the moments below are where the measured per-rank peaks fall
-  (reports/estimate-validation-sharded): the loss backward, with the root gathered and the last layer's all-gather
-  (prefetched) in flight; Full FT's backward through the embeddings, where the tied or untied embedding gradients
-  are live beside every layer's reduce-scattered chunk; and the optimizer step on the chunks.
+- [ledger] bench.measuring.sharded: each moment below (marked [ledger] where it is added) is where a measured
+  per-rank peak fell (reports/estimate-validation-sharded): the first and the last layer's forward, the loss in
+  forward, the loss backward, the last layer's backward and its reduce-scatter, the end of layer 1's backward,
+  Full FT's backward through the embeddings, and the optimizer step on the chunks.
 - [ddp] torch DistributedDataParallel: every rank holds everything; the reducer's gradient buckets are a second copy
   of every trained gradient (gradient_as_bucket_view=False, the default). Estimated only: not measured here.
 - [bnb] QLoRA under FSDP shards the packed 4-bit data (stored in the parameters' dtype, bnb_4bit_quant_storage, as
@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+
+from qlora.quantize import KEEP_UNQUANTISED
 
 
 def chunk(shape: tuple, ranks: int) -> int:
@@ -40,7 +42,7 @@ def tensors(cfg, arch, element_bytes: int) -> dict:
     root = [(s, 4 if cfg.kbit_prepare else p, full) for s in arch.root_shapes]
     layer = [(s, 4 if cfg.kbit_prepare else p, full) for s in arch.layer_extra_shapes]
     for leaf, fan_in, fan_out, bias in arch.linears:
-        if cfg.quantized and leaf not in ("lm_head",):
+        if cfg.quantized and leaf not in KEEP_UNQUANTISED:
             layer.append(((fan_out * fan_in // 2,), 1, False))  # packed 4-bit bytes
         else:
             layer.append(((fan_out, fan_in), p, full))
@@ -84,6 +86,7 @@ def per_rank(cfg, arch, st, act: dict, moments: dict, optimizer_state, optimizer
     in_flight = 0 if every_layer else layer_bytes  # the next layer's all-gather, prefetched in backward
     below = in_flight if arch.layers > 1 else 0  # inside the last layer's backward: the one below it, if any
     full = cfg.method == "full"
+    e, a, tokens = st.element_bytes, act["a"], act["tokens"]  # trained bytes per element; activation dtype's
     out = {}
     ratio = sharded.trainable_bytes / st.trainable_bytes if st.trainable_bytes else 0
     for name, m in moments.items():
@@ -96,11 +99,10 @@ def per_rank(cfg, arch, st, act: dict, moments: dict, optimizer_state, optimizer
         out[name] = {**base, "weights": base["weights"] + gathered_layers + (layer_bytes if inside and not every_layer
                                                                             else 0),
                      "gradients": int(m["gradients"] * ratio), "activations": m["activations"],
-                     "other": m["other"] + in_flight + (layer_grads if inside and cfg.method == "full" else 0)}
+                     "other": m["other"] + in_flight + (layer_grads if inside and full else 0)}
     # [ledger] the first layer's forward: the root and layer 0 are gathered, and both flat all-gather buffers are
     # still held (FSDP frees one when the next gather is waited on); only the embedding output (not yet saved),
     # the rotary tables and, under Full FT, the embedding's indices exist of the batch
-    a, tokens = act["a"], act["tokens"]
     out["first_layer_forward"] = {**base, "weights": base["weights"] + layer_bytes, "gradients": 0,
                                   "activations": 2 * a * tokens * arch.head_dim + (8 * tokens if full else 0),
                                   "other": root_bytes + layer_bytes + a * tokens * arch.hidden}
@@ -117,33 +119,30 @@ def per_rank(cfg, arch, st, act: dict, moments: dict, optimizer_state, optimizer
     # log-softmax is saved), and the last layer's flat all-gather buffer is held until the root's forward ends
     out["loss_forward"] = {**base, "weights": base["weights"] + gathered_layers, "gradients": 0,
                            "activations": act["total"],
-                           "other": layer_bytes + (2 + 4) * act["tokens"] * arch.vocab}
+                           "other": layer_bytes + (2 + 4) * tokens * arch.vocab}
     if not cfg.grad_checkpointing:
         # [ledger] backward into the last layer's MLP: the loss and head are done (under Full FT lm_head's and the
         # final norm's unsharded gradients wait for the root's reduce-scatter, and down_proj's weight gradient is
         # the MLP's first), the layer is gathered and the next one's all-gather is in flight
-        e = st.element_bytes
         down = next((i * o for leaf, i, o, _ in arch.linears if leaf == "down_proj"), 0)
-        head_grads = (arch.vocab * arch.hidden + arch.hidden + down) * e if cfg.method == "full" else 0
+        head_grads = (arch.vocab * arch.hidden + arch.hidden + down) * e if full else 0
         out["last_layer"] = {**base, "weights": base["weights"] + (0 if every_layer else layer_bytes) + gathered_layers,
                              "gradients": 0, "activations": act["total"] - act["loss"] - act["head"],
-                             "other": below + head_grads + act["a"] * act["tokens"] * (arch.hidden + arch.inter)}
+                             "other": below + head_grads + a * tokens * (arch.hidden + arch.inter)}
     if full and not cfg.grad_checkpointing:
         # [ledger] the last layer's gradients reduce-scattered: its unsharded gradients and their copy in the
         # reduce-scatter's input buffer, its chunk, the next layer's all-gather in flight, lm_head's and the final
         # norm's unsharded gradients, the gradient flowing into the layer below; that layer's activations are saved
-        e = st.element_bytes
         saved = act["total"] - act["loss"] - act["head"] - act["layer"]["total"]
         out["last_layer_reduce"] = {**base, "gradients": layer_grad_chunks, "activations": saved,
                                     "other": 2 * layer_grads + below + (arch.vocab + 1) * arch.hidden * e
-                                    + act["a"] * act["tokens"] * arch.hidden}
+                                    + a * tokens * arch.hidden}
     if full and not cfg.grad_checkpointing and arch.layers >= 2:
         # [ledger] the end of layer 1's backward (its first norm's), the worst of the layers below the last: layer
         # 1 gathered and its Linears' unsharded gradients computed, layer 0's all-gather in flight and its
         # activations saved, layer 2's reduce-scatter input still held (if layer 2 is not the last), every layer
         # above reduced to its chunk, lm_head's and the norms' unsharded gradients, and the RMSNorm backward's
         # fp32 temporaries; lower layers hold fewer activations and more chunks, layer 0 nothing in flight
-        e, a, tokens = st.element_bytes, act["a"], act["tokens"]
         linear_grads = sum(i * o + (o if bias else 0) for _, i, o, bias in arch.linears) * e
         out["layer_backward"] = {
             **base, "weights": base["weights"] + layer_bytes, "gradients": (arch.layers - 2) * layer_grad_chunks,
@@ -151,15 +150,14 @@ def per_rank(cfg, arch, st, act: dict, moments: dict, optimizer_state, optimizer
             + 4 * tokens * arch.hidden,
             "other": (layer_grads if arch.layers > 2 else 0) + in_flight + arch.vocab * arch.hidden * e
             + 3 * arch.hidden * e + linear_grads + (5 * 4 + a) * tokens * arch.hidden}
-    if cfg.method == "full":
+    if full:
         # [ledger] backward through the embeddings: the root's gradients (tied: lm_head's and the embedding's and
         # their sum; untied: lm_head's and the embedding's, and the final norm's) unsharded, beside every layer's
         # reduce-scattered chunk and the last reduce-scatter's input buffer
-        vh = arch.vocab * arch.hidden * st.element_bytes
-        root_grads = 3 * vh if arch.tied else 2 * vh
-        root_grads += arch.hidden * st.element_bytes
+        vh = arch.vocab * arch.hidden * e
+        root_grads = (3 * vh if arch.tied else 2 * vh) + arch.hidden * e
         out["embedding"] = {**base, "gradients": arch.layers * layer_grad_chunks,
-                            "activations": 8 * act["tokens"], "other": root_grads + layer_grads}
+                            "activations": 8 * tokens, "other": root_grads + layer_grads}
     return out, {"gathered_root_bytes": root_bytes, "gathered_layer_bytes": layer_bytes,
                  "static_per_rank": {"weights": weights, "adapter": adapter, "gradients": sharded.trainable_bytes,
                                      "optimizer": opt, "quant_state": st.quant_state}}

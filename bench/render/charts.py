@@ -288,8 +288,8 @@ def timeline(records: list[dict], out: Path) -> list[str]:
         per_rank = f", {shard} x{ranks}, one rank" if shard != "none" else ""
         fig.suptitle(f"Live memory through one training step, as the ledger recorded it: {model}, batch {batch} x "
                      f"seq {seq}{', checkpointing' if ckpt else ''}, {precision}{per_rank}, on {device}\n(the run "
-                     "itself, not "
-                     "scaled: reduced-depth runs show their measured depth; the tables give the extrapolation)",
+                     "itself, not scaled: reduced-depth runs show their measured depth; the tables give the "
+                     "extrapolation)",
                      fontsize=8)
         files += save(fig, out, f"timeline-{_name(key)}")
     return files

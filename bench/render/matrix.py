@@ -47,6 +47,11 @@ def _targets(t) -> list:
     return ALL7 if list(t) == ["all-linear"] else list(t)
 
 
+def _value(config: dict, key: str):
+    """A config's field, or RunConfig's default where a record predates the field (shard, world_size...)."""
+    return config.get(key, getattr(RunConfig, key, None))
+
+
 def _same(a, b) -> bool:
     return _targets(a) == _targets(b) if isinstance(b, (list, tuple)) and isinstance(a, (list, tuple)) else a == b
 
@@ -72,7 +77,7 @@ class Pool:
         hits = [r for r in (self.runs if kind == "run" else self.estimates)
                 if recipes.match(r["config"], ignoring=tuple(want)) == recipe
                 and (impl is None or r.get("optimizer_impl") == impl)
-                and all(_same(r["config"].get(k, getattr(RunConfig, k, None)), v) for k, v in setting.items())]
+                and all(_same(_value(r["config"], k), v) for k, v in setting.items())]
         # the newest; among estimates of a recipe, the one with torch's default AdamW unless `impl` says otherwise
         return max(hits, key=lambda r: (r["config"].get("adamw_impl", "default") == "default", r.get("created", "")),
                    default=None)
@@ -82,7 +87,7 @@ class Pool:
         want = {"shard": "none", "world_size": 1, **want}  # one device's, unless asked
         return [r for r in self.estimates if r["config"]["method"] == method and r["config"]["model"] == MODEL
                 and recipe_name(r["config"]) == recipe
-                and all(_same(r["config"].get(k, getattr(RunConfig, k, None)), v) for k, v in want.items())]
+                and all(_same(_value(r["config"], k), v) for k, v in want.items())]
 
 
 @dataclass(frozen=True)

@@ -46,9 +46,8 @@ def markdown(rows: list[dict], tolerance: float, plan: str = "bench/plans/valida
         + ("ranks | " if sharded else "") + ("model states GiB: measured / DeepSpeed ZeRO-3, ZeRO-2 | " if deepspeed
                                                else "")
         + " | ".join(CATEGORIES) + " | phase (measured / estimated) |",
-        "|---|---|---|---|---|---|---|---|---|---|" + "---|" * (2 * sharded + depths + bool(deepspeed))
-        + "---|" * len(CATEGORIES)
-        + "---|",
+        "|---|---|---|---|---|---|---|---|---|---|" + "---|" * (2 * sharded + depths + bool(deepspeed)
+                                                                + len(CATEGORIES) + 1),
     ]
     for r in rows:
         c = RunConfig.from_dict(r["config"]).to_dict()

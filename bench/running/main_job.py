@@ -96,7 +96,7 @@ def run(plan_path: Path, out: Path, *, device: str, budget_gib: float | None = N
     if estimates_only:
         if not results.exists():
             raise ConfigError(f"--estimates-only: {results} holds no runs to report beside the estimates")
-        runs, qualities = [], []
+        runs = []
     else:
         runs = sweep.run(plan_path, out, device=device, budget_gib=budget_gib, timeout_s=timeout_s, log=log)
     earlier = record.read(out / "estimates.jsonl") if (out / "estimates.jsonl").is_file() else []
