@@ -18,7 +18,7 @@ from qlora.optim import make_optimizer
 from qlora.train import train_step
 
 ROUNDS = 5
-OVERHEAD_ROUNDS = 9
+OVERHEAD_ROUNDS = 15
 
 
 @pytest.fixture(scope="module")

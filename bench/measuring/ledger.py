@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -116,7 +117,7 @@ class Ledger(TorchDispatchMode):
         self.phases: list[tuple[int, str]] = []
         self._phase = "start"
         self._modules: list[str] = []
-        self._op: str | None = None
+        self._op = None  # the op running now (an OpOverload: named only at a new peak, str() costs on every op)
         self._names = {id(m): n or "model" for n, m in model.named_modules()}
         self._hooks = []
         self._finalizers: list[weakref.finalize] = []
@@ -165,7 +166,8 @@ class Ledger(TorchDispatchMode):
             self._dirty = True
             node = torch._C._current_autograd_node()  # in backward: the gradient function running now
             self.peak_at = {"phase": self._phase, "module": self._modules[-1] if self._modules else None,
-                            "op": self._op, "grad_fn": node.name() if node is not None else None,
+                            "op": None if self._op is None else str(self._op),
+                            "grad_fn": node.name() if node is not None else None,
                             "event": self.events}
         return rec
 
@@ -214,17 +216,23 @@ class Ledger(TorchDispatchMode):
     # ---- dispatch and hooks --------------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        self._op = str(func)
+        self._op = func
+        if isinstance(out, torch.Tensor):  # most ops: skip flattening
+            self._track(out)
+            return out
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 self._track(t)
         return out
 
     def _enter_module(self, module, args) -> None:
-        self._modules.append(self._names.get(id(module), type(module).__name__))
+        name = self._names.get(id(module))
+        if name is not None:  # the hooks are global: modules outside the model are not on the stack
+            self._modules.append(name)
 
     def _leave_module(self, module, args, output) -> None:  # must return None, or it replaces the output
-        self._modules.pop()
+        if id(module) in self._names:
+            self._modules.pop()
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         rec = self._track(t)
@@ -236,10 +244,10 @@ class Ledger(TorchDispatchMode):
         self.tag()
         self.start_bytes = self.current  # live at the start: the model, optimizer state, leftover grads
         self.phases.append((self.events, "start"))
-        for m in self.model.modules():
-            self._hooks.append(m.register_forward_pre_hook(self._enter_module))
-            # always_call: checkpointing stops a recomputation early by raising inside forward; the stack must pop
-            self._hooks.append(m.register_forward_hook(self._leave_module, always_call=True))
+        # Two global hooks, not two per module: registering ~200 hooks each step cost more than the bookkeeping.
+        # always_call: checkpointing stops a recomputation early by raising inside forward; the stack must pop
+        self._hooks = [register_module_forward_pre_hook(self._enter_module),
+                       register_module_forward_hook(self._leave_module, always_call=True)]
         self._saved = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
         self._saved.__enter__()
         resize, ledger = torch.UntypedStorage.resize_, self
