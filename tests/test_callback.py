@@ -25,7 +25,8 @@ def config(method: str, ckpt: bool = False) -> RunConfig:
                      grad_checkpointing=ckpt, steps=3, lr=1e-3)
 
 
-def train(cfg: RunConfig, tmp_path, accumulation: int = 1, callback=None, optim: str = "adamw_torch", steps: int = 3):
+def train(cfg: RunConfig, tmp_path, accumulation: int = 1, callback=None, optim: str = "adamw_torch", steps: int = 3,
+          **extra):
     built = build(cfg)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, built.hf_config.vocab_size, (16, SEQ), generator=g)
@@ -34,7 +35,7 @@ def train(cfg: RunConfig, tmp_path, accumulation: int = 1, callback=None, optim:
         output_dir=str(tmp_path / "trainer"), max_steps=steps, per_device_train_batch_size=BATCH,
         gradient_accumulation_steps=accumulation, learning_rate=1e-3, optim=optim, logging_steps=1, report_to=[],
         save_strategy="no", use_cpu=True, activation_checkpointing=cfg.grad_checkpointing, remove_unused_columns=False,
-        seed=0, data_seed=0, disable_tqdm=True)
+        seed=0, data_seed=0, disable_tqdm=True, **extra)
     trainer = Trainer(model=built.model, args=args, train_dataset=data, callbacks=[callback] if callback else [])
     trainer.train()
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -128,3 +129,29 @@ def test_the_trainers_8bit_optimizer_is_read_and_matches_measure(tmp_path):
     from dataclasses import replace
 
     assert rec["static"] == measure_once(replace(cfg, optimizer="adamw8bit"))["static"]
+
+
+def test_what_no_config_expresses_is_a_caveat_in_the_record(tmp_path):
+    cb = MemoryLedgerCallback(model="tiny-llama", snapshot=True)  # a snapshot is CUDA's: on CPU, none and no error
+    train(config("lora"), tmp_path, callback=cb, bf16=True)
+    (rec,) = cb.records
+    assert rec["trainer"]["autocast"] == "bf16" and "snapshot" not in rec
+    assert any("bf16 autocast, which the estimator does not model" in c for c in rec["caveats"])
+
+
+@pytest.mark.gpu
+def test_a_cuda_snapshot_is_written_beside_the_records(tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    cfg = RunConfig(model="tiny-llama", method="qlora", seq_len=SEQ, batch_size=BATCH, device="cuda", lr=1e-3)
+    built = build(cfg)
+    ids = torch.randint(0, built.hf_config.vocab_size, (8, SEQ))
+    args = TrainingArguments(output_dir=str(tmp_path / "t"), max_steps=2, per_device_train_batch_size=BATCH,
+                             report_to=[], save_strategy="no", remove_unused_columns=False, disable_tqdm=True)
+    cb = MemoryLedgerCallback(out=tmp_path / "prof", model="tiny-llama", snapshot=True)
+    Trainer(model=built.model, args=args, train_dataset=[{"input_ids": x, "labels": x} for x in ids],
+            callbacks=[cb]).train()
+    (rec,) = cb.records
+    snap = tmp_path / "prof" / rec["snapshot"]["file"]
+    assert snap.stat().st_size == rec["snapshot"]["bytes"] > 0
+    assert rec["cuda_max_allocated"] >= rec["bytes"]["peak"]  # the allocator rounds up and also holds the batch

@@ -74,10 +74,13 @@ def model_name(model) -> str | None:
     return str(name) if name else None
 
 
-def config_of(model, args, batch_shape: tuple[int, int], name: str, steps: int = 1) -> RunConfig:
+def config_of(model, args, batch_shape: tuple[int, int], name: str, steps: int = 1,
+              caveats: list | None = None) -> RunConfig:
     """The RunConfig a Trainer run is: method, quantisation and LoRA read from the model, the optimizer, seed and
-    checkpointing from `args` (TrainingArguments), batch size and length from the batch the step trained on.
-    Raises ConfigError naming a setting the suite does not model."""
+    checkpointing from `args` (TrainingArguments), batch size and length from the batch the step trained on. What
+    the run does that no config expresses is appended to `caveats`, in words. Raises ConfigError naming a setting
+    the suite does not model."""
+    caveats = [] if caveats is None else caveats
     optim = str(getattr(args.optim, "value", args.optim))
     if optim not in OPTIMS:
         raise ConfigError(f"MemoryLedgerCallback: optim {optim!r} is not one the suite models "
@@ -108,7 +111,16 @@ def config_of(model, args, batch_shape: tuple[int, int], name: str, steps: int =
         raise ConfigError(f"MemoryLedgerCallback: model dtype {dtype} is not one the suite models (fp32, bf16)")
     if peft and adapters and adapters[0].dtype == torch.float32 and dtype != torch.float32:
         fields["adapter_dtype"] = "fp32"
+    elif peft and adapters and adapters[0].dtype != dtype:
+        caveats.append(f"LoRA adapters are {DTYPES.get(adapters[0].dtype, adapters[0].dtype)} on a "
+                       f"{PRECISIONS[dtype]} model (TRL casts a 4-bit model's adapters to bf16 under bf16=True), "
+                       "which no config expresses: the estimate counts them, their gradients and moments in "
+                       f"{PRECISIONS[dtype]}")
+    if getattr(args, "bf16", False) or getattr(args, "fp16", False):
+        caveats.append(f"the Trainer ran under {'bf16' if args.bf16 else 'fp16'} autocast, which the estimator does "
+                       "not model (it keeps activations in the model's dtype)")
     attention = getattr(base.config, "_attn_implementation", None) or "sdpa"
+    fields["layers"] = _reduced_depth(name, base.config.num_hidden_layers)
     return RunConfig(
         model=name, method="qlora" if four_bit else "lora" if peft else "full", optimizer=optimizer,
         adamw_impl=impl, lr=float(args.learning_rate), precision=PRECISIONS[dtype], batch_size=batch_shape[0],
@@ -117,6 +129,17 @@ def config_of(model, args, batch_shape: tuple[int, int], name: str, steps: int =
                                 or getattr(base, "is_gradient_checkpointing", False)),
         steps=max(int(steps), 1), seed=int(args.seed),
         device="cpu" if args.device.type == "cpu" else f"cuda:{args.device.index or 0}", **fields)
+
+
+def _reduced_depth(name: str, layers: int) -> int | None:
+    """`layers` when the model is shallower than the model `name` resolves to (a reduced-depth build), else None."""
+    from qlora import models
+
+    try:
+        full = models.hf_config(models.resolve(name)).num_hidden_layers
+    except Exception:  # noqa: BLE001 - a name the suite cannot resolve offline: the depth is the model's own
+        return None
+    return layers if layers < full else None
 
 
 def estimate_beside(cfg: RunConfig) -> tuple[dict | None, str | None]:
@@ -237,7 +260,8 @@ class MemoryLedgerCallback(TrainerCallback):
 
     def _record(self, args, state, ledger: StepLedger, figures: dict, seconds: float, snapshot) -> dict:
         name = self.name or model_name(self._model) or "unnamed"
-        cfg = config_of(self._model, args, self._shape, name, state.max_steps)
+        caveats: list[str] = []
+        cfg = config_of(self._model, args, self._shape, name, state.max_steps, caveats)
         est, why = estimate_beside(cfg) if self.estimate else (None, "not asked for")
         measured = ledger.categories()
         beside = None
@@ -252,7 +276,8 @@ class MemoryLedgerCallback(TrainerCallback):
             backward_start=ledger.categories_at("backward"), timeline=ledger.timeline(),
             static={c: v for c, v in ledger.categories_at("optimizer").items() if c in STATIC},
             optimizer_impl=implementation(_inner(self._optimizer)), optimizer_paged_bytes=ledger.paged_bytes(),
-            ledger_step_seconds=seconds, estimate=beside, **({"estimate_missing": why} if est is None else {}),
+            ledger_step_seconds=seconds, estimate=beside, caveats=caveats,
+            **({"estimate_missing": why} if est is None else {}),
             trainer={"step": state.global_step, "gradient_accumulation_steps": args.gradient_accumulation_steps,
                      "micro_batch": list(self._shape), "autocast": "bf16" if args.bf16 else "fp16" if args.fp16
                      else None, "max_grad_norm": args.max_grad_norm},
