@@ -57,9 +57,7 @@ class StepLedger(Ledger):
 
 def _inner(optimizer):
     """The torch or bitsandbytes optimizer under accelerate's AcceleratedOptimizer wrapper."""
-    while hasattr(optimizer, "optimizer") and not hasattr(optimizer, "param_groups_backup"):
-        if optimizer.optimizer is optimizer:
-            break
+    while getattr(optimizer, "optimizer", optimizer) is not optimizer:
         optimizer = optimizer.optimizer
     return optimizer
 
