@@ -73,6 +73,12 @@ def test_report_renders_the_callbacks_records(tmp_path, capsys):
     assert main(["report", str(tmp_path / "prof"), "--out", str(tmp_path / "report")]) == 0
     row = next(x for x in (tmp_path / "report" / "runs.md").read_text().splitlines() if "tiny-llama qlora" in x)
     assert "| measured | ok |" in row and "%)" in row.split("| backward |")[1]  # the estimate's error beside it
+    # compare checks the run, not the estimate written beside it under the same config
+    results = str(tmp_path / "prof" / "results.jsonl")
+    capsys.readouterr()
+    assert main(["compare", results, results]) == 0
+    (rec,) = [r for r in record.read(results) if r["source"] == "measured"]
+    assert f"{rec['bytes']['peak'] / 2**30:.3f} → " in capsys.readouterr().out
 
 
 def test_a_model_the_estimator_cannot_resolve_still_gets_its_record(tmp_path):

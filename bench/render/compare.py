@@ -33,10 +33,14 @@ class Row:
 
 
 def load(path: str | Path) -> dict[str, dict]:
-    """Records of a JSONL file by config (the last record of a config wins). Raises ConfigError naming FILE:LINE
-    when the file is unreadable or holds anything but result records, and when it holds none at all."""
+    """Records of a JSONL file by config (the last record of a config wins), without the estimates derived for its
+    runs (`purpose`, `fit`: the callback and `derive` write them beside the runs, under the same config). Raises
+    ConfigError naming FILE:LINE when the file is unreadable or holds anything but result records, and when it
+    holds none at all."""
     out = {}
     for n, r in record.read_numbered(path):
+        if r.get("purpose") or r.get("fit"):
+            continue
         try:
             out[run_key(r["config"])] = r
         except (ValueError, TypeError, AttributeError) as e:  # RunConfig's checks, and values of the wrong type
