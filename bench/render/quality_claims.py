@@ -120,27 +120,37 @@ def rows(records: list[dict]) -> list[dict]:
         qlora = rs.get("qlora")
         gap = (qlora or {}).get("quality", {}).get("gap_to_lora")
         if gap and gap.get("unit") == "accuracy points":
-            n = len(qlora["quality"]["seeds"])
-            if n < 2:
-                verdict = "no verdict: one seed (its interval resamples held-out examples, not training)"
-            elif gap["ci_high"] <= GAP_POINTS:
-                verdict = "holds (the interval lies at or below 2 points)"
-            elif gap["ci_low"] > GAP_POINTS:
-                verdict = "refuted (the interval lies above 2 points)"
-            else:
-                hw = (gap["ci_high"] - gap["ci_low"]) / 2
-                need = seeds_to_separate(hw, n, GAP_POINTS / 2)
-                more = f"; about {need} seeds would narrow it to ±1 point" if need and need > n else ""
-                verdict = f"inconclusive at this scale (±{hw:.2g} points with {n} seeds{more})"
+            q = qlora["quality"]
+            verdict = gap_verdict(gap, len(q["seeds"]))
+            failed = failed_text(q)
+            without = (q.get("without_collapsed") or {}).get("gap_to_lora")
+            if failed and without:  # a collapsed seed of either method moves the paired gap: say it without them
+                k = len(q["without_collapsed"]["seeds"])
+                verdict += (f"; without the failed seed(s) ({k} seeds): {interval_text(without, 1)} points, "
+                            f"{gap_verdict(without, k)}")
             out.append({"id": f"quality-qlora-gap-{task}-{model}", "where": f"{model}, {task}",
                         "claim": "QLoRA is only ~2 points below LoRA",
                         "setting": setting(qlora), "claimed": "2 points",
                         "ours": f"{interval_text(gap, 1)} points (LoRA minus QLoRA, paired)", "error": None,
                         "source": "measured", "records": [rs["lora"]["id"], qlora["id"]], "verdict": verdict,
-                        "also": "; ".join(x for x in (weights_note(qlora["quality"]),
-                                                      qlora["quality"].get("task_note")) if x) or None,
+                        "also": "; ".join(x for x in (("failed runs: " + failed) if failed else "",
+                                                      weights_note(q), q.get("task_note")) if x) or None,
                         "true_when": "a bound: an interval wholly at or below 2 points supports it"})
     return out
+
+
+def gap_verdict(gap: dict, n: int) -> str:
+    """The verdict on "QLoRA is only ~2 points below LoRA" from the paired gap's interval over n seeds."""
+    if n < 2:
+        return "no verdict: one seed (its interval resamples held-out examples, not training)"
+    if gap["ci_high"] <= GAP_POINTS:
+        return "holds (the interval lies at or below 2 points)"
+    if gap["ci_low"] > GAP_POINTS:
+        return "refuted (the interval lies above 2 points)"
+    hw = (gap["ci_high"] - gap["ci_low"]) / 2
+    need = seeds_to_separate(hw, n, GAP_POINTS / 2)
+    more = f"; about {need} seeds would narrow it to ±1 point" if need and need > n else ""
+    return f"inconclusive at this scale (±{hw:.2g} points with {n} seeds{more})"
 
 
 def nf4_cost_lines(records: list[dict]) -> list[str]:
