@@ -16,6 +16,7 @@ from bench.running.callback import MemoryLedgerCallback  # noqa: E402
 from bench.schema import CATEGORIES  # noqa: E402
 from qlora.build import build  # noqa: E402
 from qlora.config import ConfigError, RunConfig  # noqa: E402
+from qlora.preflight import preflight  # noqa: E402
 
 SEQ, BATCH = 32, 2
 
@@ -49,17 +50,53 @@ def test_the_callbacks_record_matches_measure(tmp_path, method, accumulation, ck
     train(cfg, tmp_path, accumulation, cb)
     (rec,) = cb.records
     assert sum(rec["bytes"][c] for c in CATEGORIES) == rec["bytes"]["peak"]
-    assert rec["config"] == cfg.to_dict() | {"lora_targets": rec["config"]["lora_targets"]}
-    assert rec["config"]["method"] == method and rec["config"]["grad_checkpointing"] is ckpt
-    # the second optimizer step, its whole accumulation window: one forward per micro-batch
-    assert rec["trainer"]["step"] == 2 and rec["trainer"]["gradient_accumulation_steps"] == accumulation
-    assert [p["phase"] for p in rec["timeline"]["phases"]].count("forward") == accumulation
+    # the config read from the model and TrainingArguments is the one the model was built from, targets resolved
+    assert rec["config"] == preflight(cfg).to_dict() and rec["caveats"] == []
+    # the second optimizer step, its whole accumulation window: each micro-batch's forward and backward, one step
+    assert rec["trainer"]["step"] == 2 and rec["trainer"]["micro_batches"] == accumulation
+    phases = [p["phase"] for p in rec["timeline"]["phases"]]
+    assert phases == ["start"] + ["forward", "backward"] * accumulation + ["optimizer", "zero_grad", "end"]
+    assert rec["tokens_per_second"] == pytest.approx(accumulation * BATCH * SEQ / rec["step_seconds"])
     assert rec["static"] == measure_once(cfg)["static"]  # weights, quant_state, adapter, gradients, optimizer
     assert rec["estimate"]["peak"] > 0 and abs(rec["estimate"]["error"]) < 0.5
     assert rec["step_seconds"] > 0 and rec["ledger_step_seconds"] > 0
     on_disk = record.read(tmp_path / "prof" / "results.jsonl")
     assert [r["source"] for r in on_disk] == ["measured", "estimated"]
     assert on_disk[0] == rec and on_disk[1]["id"] == rec["estimate"]["id"]
+
+
+def test_the_step_time_known_at_the_end_leaves_other_writers_lines_alone(tmp_path):
+    other = record.make(config("full").to_dict(), source="estimated", status="ok", bytes_=None)
+    record.append(tmp_path / "prof" / "results.jsonl", other)
+    cb = MemoryLedgerCallback(out=tmp_path / "prof", model="tiny-llama", estimate=False)
+    train(config("lora"), tmp_path, callback=cb)
+    on_disk = record.read(tmp_path / "prof" / "results.jsonl")
+    assert on_disk == [other, cb.records[0]] and on_disk[1]["step_seconds"] > 0
+
+
+def test_a_step_that_raises_leaves_no_ledger_behind(tmp_path):
+    """A Trainer calls no callback when training raises: the context manager (or the next train()) ends the step."""
+    cfg = config("lora")
+    built = build(cfg)
+    calls = []
+
+    def fail_on_the_second_forward(module, args, kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory (simulated)")
+
+    built.model.register_forward_pre_hook(fail_on_the_second_forward, with_kwargs=True)
+    ids = torch.randint(0, built.hf_config.vocab_size, (8, SEQ), generator=torch.Generator().manual_seed(0))
+    args = TrainingArguments(output_dir=str(tmp_path / "t"), max_steps=3, per_device_train_batch_size=BATCH,
+                             report_to=[], save_strategy="no", use_cpu=True, remove_unused_columns=False,
+                             disable_tqdm=True)
+    resize = torch.UntypedStorage.resize_
+    with pytest.raises(RuntimeError, match="simulated"):
+        with MemoryLedgerCallback(model="tiny-llama") as cb:
+            Trainer(model=built.model, args=args, train_dataset=[{"input_ids": x, "labels": x} for x in ids],
+                    callbacks=[cb]).train()
+    assert cb.records == [] and cb._ledger is None
+    assert torch._C._len_torch_dispatch_stack() == 0 and torch.UntypedStorage.resize_ is resize
 
 
 def test_the_callback_leaves_training_unchanged(tmp_path):

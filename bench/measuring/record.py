@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import fcntl
 import hashlib
@@ -103,14 +104,32 @@ def append(path: str | Path, record: dict) -> None:
     A record that is not valid JSON (NaN, infinity, an object JSON cannot hold) raises before anything is written."""
     line = json.dumps(record, allow_nan=False).encode() + b"\n"
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = os.open(path.parent, os.O_RDONLY)  # writers of one folder take turns; no lock file left behind
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with _folder_lock(path):
         old = path.read_bytes() if path.exists() else b""
         if old and not old.endswith(b"\n"):
             old += b"\n"
         _replace(path, old + line)
+
+
+def update(path: str | Path, records: list[dict]) -> None:
+    """Replace the lines of `path` whose record id is among `records` by those records, atomically and under the
+    folder's lock, as `append` writes: other writers' lines stay as they are."""
+    by_id = {r["id"]: json.dumps(r, allow_nan=False) for r in records}
+    path = Path(path)
+    with _folder_lock(path):
+        lines = [x for x in path.read_text().splitlines() if x.strip()]
+        lines = [by_id.get(json.loads(x).get("id"), x) for x in lines]
+        _replace(path, "".join(x + "\n" for x in lines).encode())
+
+
+@contextlib.contextmanager
+def _folder_lock(path: Path):
+    """Writers of one folder take turns (an exclusive flock on the folder itself: no lock file left behind)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = os.open(path.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
     finally:
         os.close(lock)
 
