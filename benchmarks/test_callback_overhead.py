@@ -2,10 +2,11 @@
 
 One decoder layer of Llama-2-7B at its real width under QLoRA (as benchmarks/test_ledger_overhead.py), trained by
 transformers' Trainer for STEPS optimizer steps, with and without the callback (measuring steps 3 and 5), in
-alternating rounds. Step times come from a timing callback. Targets: a measured step at most 10% slower than the
-untouched steps beside it in the same run (the ledger's own 5%, plus finding the phases without the engine's
-hooks); an untouched step within 3% of the same step of a run without the callback (the callback returns at once
-there; 3% is this machine's run-to-run noise). Run: nox -s bench (or pytest benchmarks --benchmark-enable).
+rounds that alternate which run goes first. Step times come from a timing callback. Targets: a measured step at
+most 10% slower than the untouched steps beside it in the same run (the ledger's own 5%, plus finding the phases
+without the engine's hooks); an untouched step within 3% of the same step of a run without the callback (the
+callback returns at once there; 3% is this machine's run-to-run noise). Run: nox -s bench (or pytest benchmarks
+--benchmark-enable).
 """
 
 import statistics
@@ -19,7 +20,7 @@ from bench.running.callback import MemoryLedgerCallback
 from qlora.build import build
 from qlora.config import RunConfig
 
-STEPS, MEASURED, ROUNDS = 6, (3, 5), 3
+STEPS, MEASURED, ROUNDS = 6, (3, 5), 4
 
 
 class StepTimes(TrainerCallback):
@@ -55,9 +56,11 @@ def run(model, data, tmp_path, watched: bool) -> dict[int, float]:
 
 def test_callback_overhead(model_and_data, tmp_path, record_property):
     measured, untouched = [], []
-    for _ in range(ROUNDS):
-        plain = run(*model_and_data, tmp_path, watched=False)
-        watched = run(*model_and_data, tmp_path, watched=True)
+    for i in range(ROUNDS):
+        # the order alternates: whichever run goes second in a round inherits the first's allocator and caches
+        first = run(*model_and_data, tmp_path, watched=i % 2 == 1)
+        second = run(*model_and_data, tmp_path, watched=i % 2 == 0)
+        plain, watched = (second, first) if i % 2 == 1 else (first, second)
         # a measured step against the untouched steps on either side of it, in the same run
         measured += [watched[s] / statistics.mean((watched[s - 1], watched[s + 1])) for s in MEASURED]
         # the untouched steps (not the first: it allocates the optimizer state) against the run without it
