@@ -100,43 +100,48 @@ def rows(records: list[dict]) -> list[dict]:
                 continue
             q, rel = r["quality"], r["quality"]["relative"]
             n = len(q["seeds"])
-            verdict = judge(rel["ci_low"], rel["ci_high"], claimed, TOLERANCE, n)
-            failed = failed_text(q)
-            without = q.get("without_collapsed") or {}
-            if failed and without.get("relative"):
-                w, k = without["relative"], len(without["seeds"])
-                verdict += (f"; without the failed seed(s) ({k} seeds): {interval_text(w)}, "
-                            f"{judge(w['ci_low'], w['ci_high'], claimed, TOLERANCE, k)}")
+            verdict = judge(rel["ci_low"], rel["ci_high"], claimed, TOLERANCE, n) + without_failed(
+                q, "relative", lambda w, k, c=claimed: judge(w["ci_low"], w["ci_high"], c, TOLERANCE, k))
             out.append({"id": f"quality-{method}-{task}-{model}", "where": f"{model}, {task}",
                         "claim": f"{method} keeps ~{claimed:.0%} of Full FT's quality",
                         "setting": setting(r), "claimed": f"{claimed:.2f}",
                         "ours": f"relative {interval_text(rel)}; gain share {interval_text(q.get('gain_share'))}",
                         "error": round(rel["value"] / claimed - 1, 4), "source": "measured",
                         "records": [r["id"], rs["full"]["id"]], "verdict": verdict,
-                        "also": "; ".join(x for x in (("failed runs: " + failed) if failed else "", weights_note(q),
-                                                      q.get("task_note")) if x) or None,
+                        "also": also_text(q),
                         "true_when": "judged on relative quality (score over Full FT's) on this task, model and budget "
                                      "only; the gain share is the share of Full FT's gain over the untrained base"})
         qlora = rs.get("qlora")
         gap = (qlora or {}).get("quality", {}).get("gap_to_lora")
         if gap and gap.get("unit") == "accuracy points":
             q = qlora["quality"]
-            verdict = gap_verdict(gap, len(q["seeds"]))
-            failed = failed_text(q)
-            without = (q.get("without_collapsed") or {}).get("gap_to_lora")
-            if failed and without:  # a collapsed seed of either method moves the paired gap: say it without them
-                k = len(q["without_collapsed"]["seeds"])
-                verdict += (f"; without the failed seed(s) ({k} seeds): {interval_text(without, 1)} points, "
-                            f"{gap_verdict(without, k)}")
+            # a collapsed seed of either method moves the paired gap too: it is given again without them
+            verdict = gap_verdict(gap, len(q["seeds"])) + without_failed(q, "gap_to_lora", gap_verdict, 1, " points")
             out.append({"id": f"quality-qlora-gap-{task}-{model}", "where": f"{model}, {task}",
                         "claim": "QLoRA is only ~2 points below LoRA",
                         "setting": setting(qlora), "claimed": "2 points",
                         "ours": f"{interval_text(gap, 1)} points (LoRA minus QLoRA, paired)", "error": None,
                         "source": "measured", "records": [rs["lora"]["id"], qlora["id"]], "verdict": verdict,
-                        "also": "; ".join(x for x in (("failed runs: " + failed) if failed else "",
-                                                      weights_note(q), q.get("task_note")) if x) or None,
+                        "also": also_text(q),
                         "true_when": "a bound: an interval wholly at or below 2 points supports it"})
     return out
+
+
+def without_failed(q: dict, key: str, verdict_of, digits: int = 3, unit: str = "") -> str:
+    """"; without the failed seed(s) (k seeds): INTERVAL, VERDICT" for q's figure `key` recomputed without the failed
+    seeds of any method, or "" when no seed failed."""
+    without = q.get("without_collapsed") or {}
+    if not failed_text(q) or not without.get(key):
+        return ""
+    w, k = without[key], len(without["seeds"])
+    return f"; without the failed seed(s) ({k} seeds): {interval_text(w, digits)}{unit}, {verdict_of(w, k)}"
+
+
+def also_text(q: dict) -> str | None:
+    """What a quality claim's reader must also know: failed runs, what the weights are, the task's note."""
+    failed = failed_text(q)
+    return "; ".join(x for x in (("failed runs: " + failed) if failed else "", weights_note(q), q.get("task_note"))
+                     if x) or None
 
 
 def gap_verdict(gap: dict, n: int) -> str:

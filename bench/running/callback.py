@@ -101,13 +101,9 @@ class MemoryLedgerCallback(TrainerCallback):
     def close(self) -> None:
         """End a measured step that never reached its end (training raised inside it): the dispatch mode, hooks and
         CUDA memory history go, and nothing is recorded for it."""
-        if self._ledger is not None:
-            self._ledger.__exit__(None, None, None)
-            self._hook.remove()
-            self._probe.stop()
-            if self.snapshot and self._ledger.device.type == "cuda":
-                torch.cuda.memory._record_memory_history(enabled=None)
-            self._ledger = None
+        ended = self._end()
+        if ended is not None:
+            self._history_off(ended[0].device)
 
     # ---- Trainer events ------------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
@@ -115,9 +111,10 @@ class MemoryLedgerCallback(TrainerCallback):
         self._model, self._optimizer = model, optimizer
         self._seconds = []
         # Say what cannot be recorded before training starts, not after its first steps.
-        optimizer_of(args)
         if model is not None:
             config_of(model, args, (1, 1), self.name or model_name(model) or "unnamed")
+        else:
+            optimizer_of(args)
 
     def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         self.close()
@@ -148,20 +145,17 @@ class MemoryLedgerCallback(TrainerCallback):
         if self._ledger is None:
             self._seconds.append(seconds)
             return
-        ledger, self._ledger = self._ledger, None
-        ledger.phase("end")
-        ledger.__exit__(None, None, None)
-        self._hook.remove()
-        figures = self._probe.stop()
+        self._ledger.phase("end")
+        ledger, figures = self._end()
         t0 = time.perf_counter()
         try:
             rec, est = self._record(args, state, ledger, figures, seconds)
         except Exception as e:  # noqa: BLE001 - a profiling aid must never stop the user's training
-            if self.snapshot and ledger.device.type == "cuda":
-                torch.cuda.memory._record_memory_history(enabled=None)
             self.failures.append(f"step {state.global_step}: {type(e).__name__}: {' '.join(str(e).split())[:300]}")
             print(f"MemoryLedgerCallback: no record for {self.failures[-1]}", file=sys.stderr, flush=True)
             return
+        finally:  # after the snapshot is dumped, or not
+            self._history_off(ledger.device)
         rec["record_seconds"] = time.perf_counter() - t0  # making the record (estimate, timeline, git): not a step's
         self.records.append(rec)
         if self.out is not None:
@@ -180,6 +174,19 @@ class MemoryLedgerCallback(TrainerCallback):
                 record.update(self.out / "results.jsonl", mine)
 
     # ---- the measured step ---------------------------------------------------------------------------------
+    def _end(self) -> tuple[StepLedger, dict] | None:
+        """Stop following the measured step, if one is on: the ledger and the device's figures."""
+        ledger, self._ledger = self._ledger, None
+        if ledger is None:
+            return None
+        ledger.__exit__(None, None, None)
+        self._hook.remove()
+        return ledger, self._probe.stop()
+
+    def _history_off(self, device) -> None:
+        if self.snapshot and device.type == "cuda":
+            torch.cuda.memory._record_memory_history(enabled=None)
+
     def _forward(self, module, args, kwargs):
         """Each micro-batch's forward: the phase, its tokens, and the batch's shape (the largest of the window's)."""
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -198,7 +205,6 @@ class MemoryLedgerCallback(TrainerCallback):
             path = self.out / f"snapshot-{cfg.method}-{cfg.batch_size}x{cfg.seq_len}-step{step}.pickle"
             self.out.mkdir(parents=True, exist_ok=True)
             torch.cuda.memory._dump_snapshot(str(path))
-        torch.cuda.memory._record_memory_history(enabled=None)
         return {"file": path.name, "bytes": path.stat().st_size} if path else None
 
     def _record(self, args, state, ledger: StepLedger, figures: dict, seconds: float) -> tuple[dict, dict | None]:
