@@ -207,6 +207,23 @@ def cmd_bench(args) -> int:
     return failed_runs(runs)
 
 
+def cmd_ladder(args) -> int:
+    from pathlib import Path
+
+    from bench.running import ladder
+
+    check_sweep_options(args)
+    if args.method in (None, "all"):
+        raise BadInput(f"ladder takes one --method (full, lora or qlora), got {args.method or 'none'}")
+    (base,) = configs_from_args(args, default_device_name=args.device)
+    log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    runs = ladder.run(base, Path(args.out), budget_gib=args.budget_gib, timeout_s=args.timeout_s,
+                      confirm=args.confirm, estimates_only=args.estimates_only, dry_run=args.dry_run, log=log)
+    if not args.dry_run:
+        print((Path(args.out) / "report" / "ladder.md").read_text(), end="")
+    return failed_runs(runs)
+
+
 def cmd_compare(args) -> int:
     from bench.render import compare
 
@@ -313,6 +330,16 @@ def parser() -> Parser:
     b.add_argument("--estimates-only", action="store_true", help="measure nothing: write the plan's estimates, the "
                    "report and the summary from the runs OUT already holds (after an estimator change)")
     b.set_defaults(func=cmd_bench)
+    ld = sub.add_parser("ladder", help="memory savers applied one on top of another, each rung measured and "
+                        "estimated (bench/ladder.py); resumable")
+    add_run_options(ld, method_all=False)
+    add_sweep_options(ld, device=False)
+    ld.add_argument("--out", required=True, help="directory: results.jsonl, estimates.jsonl and report/ladder.md")
+    ld.add_argument("--confirm", action="store_true", help="with --layers: also measure the last measured rung at "
+                    "full depth")
+    ld.add_argument("--estimates-only", action="store_true", help="measure nothing: rewrite the estimates and the "
+                    "report from the rungs OUT holds")
+    ld.set_defaults(func=cmd_ladder)
     cp = sub.add_parser("compare", help="memory and time deltas between two result files; exit 3 on regression")
     cp.add_argument("baseline", help="JSONL result records (the reference)")
     cp.add_argument("new", help="JSONL result records to check")

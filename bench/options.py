@@ -40,6 +40,10 @@ HELP = {
     "layers": "build only N decoder layers (reduced depth; measure extrapolates from N/2 and N)",
     "shard": "data parallelism across ranks (FSDP2 fully_shard per decoder layer; fsdp-grad-op keeps a layer "
              "gathered from forward to backward; ddp replicates; bytes are per rank)",
+    "ckpt_every": "with --grad-checkpointing, checkpoint every Nth decoder layer (2: every other layer; the rest "
+                  "keep their activations)",
+    "loss_impl": "causal-LM loss: standard (transformers': full-sequence fp32 logits) or chunked (head and loss a "
+                 "chunk of tokens at a time, recomputed in backward)",
     "world_size": "ranks, one device each (default: 1; more than 1 means --shard fsdp unless given): estimate per "
                   "rank, or measure under torchrun with one process per rank (gloo on CPU, NCCL on CUDA)",
 }
@@ -49,7 +53,11 @@ ALIASES = {"world_size": ("--gpus", "--nproc")}
 FLAGS = {"double_quant": ("--no-double-quant", "store the 4-bit block constants in fp32 instead of 8 bit (qlora)"),
          "grad_checkpointing": ("--grad-checkpointing", "recompute activations in backward"),
          "kbit_prepare": ("--kbit-prepare", "PEFT's prepare_model_for_kbit_training first: every parameter that is "
-                          "not 4-bit in fp32 (qlora)")}
+                          "not 4-bit in fp32 (qlora)"),
+         "optimizer_in_backward": ("--optimizer-in-backward", "run each parameter's optimizer step in backward and "
+                                   "free its gradient at once"),
+         "offload_activations": ("--offload-activations", "move tensors saved for backward to pinned CPU memory "
+                                 "(CUDA; estimates on a CPU machine)")}
 NO_DEFAULT_SHOWN = ("lr", "seq_len", "device", "layers")  # their help says what None means
 
 
@@ -165,13 +173,15 @@ def add_quiet(p: argparse.ArgumentParser) -> None:
                    "is a terminal anyway)")
 
 
-def add_sweep_options(p: argparse.ArgumentParser) -> None:
-    """Options of the commands that run a plan's matrix (`sweep`, `bench`)."""
+def add_sweep_options(p: argparse.ArgumentParser, device: bool = True) -> None:
+    """Options of the commands that run a plan's matrix (`sweep`, `bench`, and `ladder`, whose run options have
+    their own --device)."""
     add_quiet(p)
     p.add_argument("--budget-gib", type=float, help="treat this many GiB as the device's capacity: beyond it, oom")
     p.add_argument("--timeout-s", type=float, help="time limit in seconds for each run's process (recorded as an "
                    "error, and run again on the next resume)")
-    p.add_argument("--device", help="device for groups that do not set one (default: cuda if available, else cpu)")
+    if device:
+        p.add_argument("--device", help="device for groups that do not set one (default: cuda if available, else cpu)")
     p.add_argument("--dry-run", action="store_true", help="check the plan and list the runs still to do; run nothing")
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from qlora import models, quantize
+from qlora import models, quantize, savers
 from qlora.config import ConfigError, RunConfig
 
 
@@ -63,26 +63,42 @@ def build(cfg: RunConfig, on_layer=None, num_labels: int = 2) -> Built:
 
         # PEFT's own function (fp32 for every parameter that is not 4-bit); checkpointing stays ours, below.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if cfg.loss_impl == "chunked":
+        if models.is_encoder(hf_cfg):
+            raise ConfigError(f"loss_impl chunked is a causal-LM loss; model {cfg.model!r} is a classifier")
+        savers.use_chunked_loss(model)
+    if cfg.offload_activations:
+        savers.offload_activations(model)
     if cfg.adapter:
         model = add_lora(model, cfg)
     else:
         for p in model.parameters():
             p.requires_grad_(True)
     if cfg.grad_checkpointing:
-        enable_checkpointing(model.get_base_model() if hasattr(model, "get_base_model") else model)
+        enable_checkpointing(model.get_base_model() if hasattr(model, "get_base_model") else model, cfg.ckpt_every)
     model.train()
     return Built(model, hf_cfg, source, tokenizer)
 
 
-def enable_checkpointing(model: nn.Module) -> None:
-    """Recompute each decoder layer's activations in backward, with whichever name this transformers has:
-    `activation_checkpointing_enable` (5.24 on) or the older `gradient_checkpointing_enable` (earlier 5.x, and
-    the GPU machine's 5.17). Non-reentrant: it needs no input that requires grad, so frozen embeddings are fine."""
+def enable_checkpointing(model: nn.Module, every: int = 1) -> None:
+    """Recompute the activations of every `every`-th decoder layer (0, every, 2 x every...) in backward, with
+    whichever name this transformers has: `activation_checkpointing_enable` (5.24 on, which takes `every_n_layers`)
+    or the older `gradient_checkpointing_enable` (earlier 5.x, and the GPU machine's 5.17), after which the layers
+    left out are switched back off here. Non-reentrant: it needs no input that requires grad, so frozen embeddings
+    are fine."""
+    import inspect
+
     kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None and "every_n_layers" in inspect.signature(enable).parameters:
+        enable(activation_checkpointing_kwargs=kwargs, every_n_layers=every)
+        return
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    for i, layer in enumerate(models.layers_of(model)):
+        layer.gradient_checkpointing = i % every == 0
 
 
 def _materialise_(module: nn.Module, device: torch.device, init) -> None:

@@ -35,6 +35,10 @@ Attention = Literal["sdpa", "eager"]
 # gathered parameters stay from its forward to its backward (reshard_after_forward=False: FSDP1's SHARD_GRAD_OP).
 # ddp: torch DistributedDataParallel, every rank holds everything plus gradient buckets.
 Shard = Literal["none", "fsdp", "fsdp-grad-op", "ddp"]
+# The causal-LM loss. standard: transformers' own (the whole sequence's logits, upcast to fp32, and their
+# log-softmax saved for backward). chunked: qlora.savers' chunked cross-entropy, which computes the head and the
+# loss a chunk of tokens at a time and recomputes each chunk in backward, so no full-sequence logits ever exist.
+LossImpl = Literal["standard", "chunked"]
 
 # All seven projections of a Llama/Mistral/Qwen2 block: the QLoRA paper's finding is that adapting every linear
 # layer is what closes the gap to full fine-tuning.
@@ -99,6 +103,17 @@ class RunConfig:
     batch_size: int = 1
     seq_len: int = 512
     grad_checkpointing: bool = False
+    # with grad_checkpointing: checkpoint every Nth decoder layer (1: every layer; 2: every other layer, the rest
+    # keep their activations). transformers' every_n_layers: layers 0, N, 2N... are checkpointed.
+    ckpt_every: int = 1
+    loss_impl: LossImpl = "standard"
+    # Each parameter's optimizer step runs in backward, as soon as its gradient is accumulated, and the gradient is
+    # freed at once (torchtune's optimizer_in_bwd): no step holds every gradient. No gradient clipping or
+    # accumulation across steps is possible then.
+    optimizer_in_backward: bool = False
+    # Tensors saved for backward (not parameters) are moved to pinned CPU memory in forward and back in backward
+    # (torch.autograd.graph.save_on_cpu's hooks). CUDA only: on a CPU there is nowhere else to put them.
+    offload_activations: bool = False
     attention: Attention = "sdpa"
     steps: int = 3
     seed: int = 0
@@ -117,16 +132,19 @@ class RunConfig:
         _choice("attention", self.attention, Attention)
         _choice("adapter_dtype", self.adapter_dtype, AdapterDtype)
         _choice("shard", self.shard, Shard)
+        _choice("loss_impl", self.loss_impl, LossImpl)
         if not isinstance(self.model, str) or not self.model.strip():
             raise ConfigError(f"model must be a non-empty name or path, got {self.model!r}")
         for name in ("lora_r", "lora_alpha", "batch_size", "seq_len", "steps"):
             _positive(name, getattr(self, name))
         _positive("layers", self.layers, allow_none=True)
+        _positive("ckpt_every", self.ckpt_every)
         _positive("world_size", self.world_size)
         if self.world_size > 1 and self.shard == "none":
             raise ConfigError(f"world_size {self.world_size} needs a shard (fsdp, fsdp-grad-op or ddp); got none")
         # a plan's "yes" or 1 must not pass as a flag
-        for name in ("double_quant", "grad_checkpointing", "kbit_prepare"):
+        for name in ("double_quant", "grad_checkpointing", "kbit_prepare", "optimizer_in_backward",
+                     "offload_activations"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
@@ -158,6 +176,19 @@ class RunConfig:
         if self.adapter_dtype == "fp32" and self.precision == "mixed":
             raise ConfigError("adapter_dtype fp32 with precision mixed: fp32 adapters need no fp32 master copy; "
                               "use precision bf16")
+        if self.ckpt_every != 1 and not self.grad_checkpointing:
+            raise ConfigError(f"ckpt_every {self.ckpt_every} chooses which layers checkpointing recomputes; "
+                              "grad_checkpointing is off")
+        if self.optimizer_in_backward and self.precision == "mixed":
+            raise ConfigError("optimizer_in_backward with precision mixed: the fp32 master copy is updated from all "
+                              "gradients at once; use precision bf16 or fp32")
+        if self.optimizer_in_backward and self.shard != "none":
+            raise ConfigError(f"optimizer_in_backward with shard {self.shard}: not supported (each rank's step "
+                              "would run before its gradients are reduced)")
+        if self.offload_activations and not self.device.startswith("cuda"):
+            raise ConfigError(f"offload_activations moves saved activations from a CUDA device to CPU memory; on "
+                              f"device {self.device!r} they are in CPU memory already (estimate it with --device "
+                              "cuda)")
         if self.kbit_prepare and not self.quantized:
             raise ConfigError(f"kbit_prepare (PEFT's prepare_model_for_kbit_training) applies to qlora; got method "
                               f"{self.method}")

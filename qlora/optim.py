@@ -60,6 +60,49 @@ class MasterWeightOptimizer:
         return self.masters + optimizer_state_tensors(self.inner)
 
 
+class InBackwardOptimizer:
+    """The optimizer step in backward (RunConfig.optimizer_in_backward; torchtune's optimizer_in_bwd): one optimizer
+    of the configured kind per trainable tensor, stepped by a post-accumulate-grad hook as soon as that tensor's
+    gradient is complete, which then frees the gradient. No step ever holds every gradient; `step` and `zero_grad`
+    are no-ops. `on_grad(p)`, when set (the memory ledger), sees each gradient just before its step."""
+
+    def __init__(self, cfg: RunConfig, params: list[nn.Parameter]):
+        self.params = params
+        self.optimizers = [_inner(cfg, [p]) for p in params]
+        self.on_grad = None
+        self._hooks = [p.register_post_accumulate_grad_hook(self._hook(opt))
+                       for p, opt in zip(params, self.optimizers, strict=True)]
+
+    def _hook(self, opt):
+        def step(p: torch.Tensor) -> None:  # must return None
+            if self.on_grad is not None:
+                self.on_grad(p)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
+
+    @property
+    def state(self) -> dict:
+        return {p: s for opt in self.optimizers for p, s in opt.state.items()}
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for opt in self.optimizers for g in opt.param_groups]
+
+    def step(self) -> None:
+        pass
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:  # a backward that raised may have left some
+            p.grad = None
+
+    def remove(self) -> None:
+        """Take the hooks off the parameters (another optimizer may follow this one on the same model)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+
 def make_optimizer(cfg: RunConfig, model: nn.Module):
     """The optimizer cfg asks for over the model's trainable parameters. Raises ConfigError if unsupported here."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -67,6 +110,8 @@ def make_optimizer(cfg: RunConfig, model: nn.Module):
         raise ConfigError(f"method {cfg.method!r} left no trainable parameters in {cfg.model}")
     if cfg.optimizer != "adamw" and params[0].device.type not in ("cuda", "cpu", "xpu"):
         raise ConfigError(f"optimizer {cfg.optimizer} is not supported on device {params[0].device.type}")
+    if cfg.optimizer_in_backward:
+        return InBackwardOptimizer(cfg, params)
     if cfg.precision == "mixed":
         return MasterWeightOptimizer(cfg, params)
     return _inner(cfg, params)
@@ -77,6 +122,8 @@ def implementation(opt) -> str:
     torch, it picks foreach on CUDA and the for-loop on CPU, and foreach allocates temporaries as large as all the
     parameters it updates: the peak depends on it), "bitsandbytes" for the 8-bit and paged ones."""
     inner = opt.inner if isinstance(opt, MasterWeightOptimizer) else opt
+    if isinstance(opt, InBackwardOptimizer):
+        inner = opt.optimizers[0]
     if not isinstance(inner, torch.optim.AdamW):
         return "bitsandbytes"
     if inner.defaults.get("fused"):
@@ -94,6 +141,8 @@ def optimizer_state_tensors(opt) -> list[torch.Tensor]:
     """Every tensor the optimizer holds as state (moments, 8-bit quantisation constants, fp32 masters)."""
     if isinstance(opt, MasterWeightOptimizer):
         return opt.state_tensors()
+    if isinstance(opt, InBackwardOptimizer):
+        return [t for inner in opt.optimizers for t in optimizer_state_tensors(inner)]
     out = []
     for state in opt.state.values():
         out += [v for v in state.values() if isinstance(v, torch.Tensor)]

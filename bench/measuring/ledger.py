@@ -259,11 +259,19 @@ class Ledger(TorchDispatchMode):
 
         self._resize = resize
         torch.UntypedStorage.resize_ = watched_resize
+        if hasattr(self.optimizer, "on_grad"):  # the step in backward frees each gradient before `tag` could see it
+            self.optimizer.on_grad = self._gradient
         return super().__enter__()
+
+    def _gradient(self, p: torch.Tensor) -> None:
+        if p.grad is not None:
+            self._track(p.grad, "gradients")
 
     def __exit__(self, *exc):
         super().__exit__(*exc)
         torch.UntypedStorage.resize_ = self._resize
+        if hasattr(self.optimizer, "on_grad"):
+            self.optimizer.on_grad = None
         self._saved.__exit__(*exc)
         for h in self._hooks:
             h.remove()

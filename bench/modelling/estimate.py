@@ -20,13 +20,15 @@ Sources, cited where used:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from bench.modelling.optimizer_bytes import adamw_impl, optimizer_state, optimizer_temporaries  # noqa: F401
 from bench.schema import CATEGORIES
 from qlora import models
 from qlora.build import model_dtype
 from qlora.config import RunConfig
 from qlora.quantize import KEEP_UNQUANTISED
+from qlora.savers import LOSS_CHUNK_TOKENS
 
 
 @dataclass(frozen=True)
@@ -163,23 +165,6 @@ def adapter_bytes(cfg: RunConfig) -> int:
     return 4 if cfg.precision == "fp32" or cfg.adapter_dtype == "fp32" else 2
 
 
-def optimizer_state(cfg: RunConfig, st: Static, device_type: str) -> int:
-    """AdamW moments (+ fp32 masters under mixed) or bitsandbytes' 8-bit or paged 32-bit state, for the trainable
-    tensors. [bnb] 32-bit optimizers keep both moments in fp32 whatever the parameters' dtype."""
-    n = sum(st.trainable)
-    # AdamW keeps an fp32 step counter per tensor: on the CPU (so device memory only on a CPU run), except fused
-    # AdamW's, which live on the parameters' device
-    on_device = device_type == "cpu" or (cfg.optimizer == "adamw" and adamw_impl(cfg, device_type) == "fused")
-    steps = 4 * len(st.trainable) if on_device else 0
-    master = 4 * n if cfg.precision == "mixed" else 0
-    if cfg.optimizer == "adamw":
-        return 2 * st.moment_bytes(cfg) * n + master + steps
-    if cfg.optimizer == "paged_adamw32bit":
-        return 2 * 4 * n + master
-    eight = sum(2 * k + 2 * 4 * math.ceil(k / 256) if k >= 4096 else 8 * k for k in st.trainable)
-    return eight + 2 * 256 * 4 + master
-
-
 # The activation each projection of a Llama-family block reads (and, when its weight is trained or it has an
 # adapter, saves for backward): q, k and v share the first norm's output, o_proj reads attention's output, gate and
 # up share the second norm's output, down_proj reads silu(gate) * up. Two projections reading one input save it once.
@@ -242,17 +227,31 @@ def activations(cfg: RunConfig, arch: Arch) -> dict:
     T, h, V = b * s, arch.hidden, arch.vocab
     full = cfg.method == "full"
     head = 4 * T * h + 4 * T + (2 * a * T * h if full else 0)  # final norm (+ its bf16 input and lm_head's input)
-    loss = 4 * T * V + 8 * b * (s + 1) + 4  # fp32 log-softmax, padded labels, the normaliser
+    if cfg.loss_impl == "chunked":
+        # [savers] the gradient of the hidden states, computed in forward (for Full FT it takes the place of
+        # lm_head's saved input), and the head weight's when it is trained; nothing vocabulary-wide per token
+        loss = (V * h * (4 if cfg.precision == "fp32" else 2)) if full else a * T * h
+    else:
+        loss = 4 * T * V + 8 * b * (s + 1) + 4  # fp32 log-softmax, padded labels, the normaliser
     rope = 2 * a * T * arch.head_dim  # cos and sin, once per forward
     ids = 8 * T if full else 0  # the embedding saves its indices when it is trained
     one_layer = layer_activations(cfg, arch, T, first=False)
-    if cfg.grad_checkpointing:
-        layers = arch.layers * a * T * h  # [torch] non-reentrant checkpointing keeps each layer's input
-        rope = 0  # held by the checkpoint's closure, not saved: counted under other
-    else:
-        layers = layer_activations(cfg, arch, T, first=True)["total"] + (arch.layers - 1) * one_layer["total"]
-    return {"total": layers + head + loss + rope + ids, "layer": one_layer, "loss": loss, "head": head,
-            "tokens": T, "a": a}
+    first_layer = layer_activations(cfg, arch, T, first=True)["total"]
+    checkpointed = checkpointed_layers(cfg, arch)
+    # [torch] non-reentrant checkpointing keeps each checkpointed layer's input; the others keep everything
+    layers = sum(a * T * h if i in checkpointed else first_layer if i == 0 else one_layer["total"]
+                 for i in range(arch.layers))
+    if len(checkpointed) == arch.layers:
+        rope = 0  # held by the checkpoints' closures, not saved: counted under other
+    return {"total": layers + head + loss + rope + ids, "layer": one_layer, "first_layer": first_layer,
+            "loss": loss, "head": head, "tokens": T, "a": a, "checkpointed": checkpointed}
+
+
+def checkpointed_layers(cfg: RunConfig, arch: Arch) -> frozenset[int]:
+    """The decoder layers checkpointing recomputes: every ckpt_every-th from layer 0 (transformers' every_n_layers)."""
+    if not cfg.grad_checkpointing:
+        return frozenset()
+    return frozenset(range(0, arch.layers, cfg.ckpt_every))
 
 
 # The step's phase each moment falls in, where it is not backward (the sharded moments: bench.modelling.sharding)
@@ -276,37 +275,59 @@ def estimate_bytes(cfg: RunConfig, arch: Arch | None = None, device_type: str | 
     dequantised = max(i * o for _, i, o, _ in arch.linears) * (4 if cfg.compute_dtype == "fp32" else 2)
 
     moments = {}
-    # Backward starts: every activation is live, and the loss backward holds two fp32 logits-sized gradients.
-    moments["backward"] = {**base, "gradients": 0, "activations": act["total"], "other": 8 * T * V}
-    # Optimizer step: every gradient is live, activations are gone, plus the step's temporaries.
-    moments["optimizer"] = {**base, "gradients": st.trainable_bytes, "activations": 0,
-                            "other": optimizer_temporaries(cfg, st, device_type)}
-    if cfg.quantized and not cfg.grad_checkpointing:
+    chunked = cfg.loss_impl == "chunked"
+    # Backward starts: every activation is live, and the loss backward holds two fp32 logits-sized gradients (the
+    # chunked loss computed its gradients in forward: it scales them in place).
+    # [savers] Offloading: what autograd saved went to pinned host memory as it was saved, and comes back only while
+    # its own backward runs (the loss's first; a checkpointed layer's input while the layer is recomputed, the
+    # recomputation itself on the device under checkpointing's own hooks).
+    offload = cfg.offload_activations
+    moments["backward"] = {**base, "gradients": 0, "activations": act["loss"] if offload else act["total"],
+                           "other": 0 if chunked else 8 * T * V}
+    if chunked:
+        # [savers][ledger] The loss in forward, at its first chunk: every activation is saved, and the chunk's fp32
+        # logits turning into their gradient hold three chunk x vocab fp32 buffers beside the hidden states' gradient.
+        c = min(LOSS_CHUNK_TOKENS, T)
+        moments["loss_forward"] = {**base, "gradients": 0, "activations": 0 if offload else act["total"],
+                                   "other": 12 * c * V + a * T * h}
+    # Optimizer step: every gradient is live, activations are gone, plus the step's temporaries. In backward, one
+    # tensor's step at a time: its gradient and its temporaries.
+    stepped = replace(st, trainable=(max(st.trainable),)) if cfg.optimizer_in_backward else st
+    moments["optimizer"] = {**base, "gradients": stepped.trainable_bytes, "activations": 0,
+                            "other": optimizer_temporaries(cfg, stepped, device_type)}
+    if cfg.quantized and arch.layers - 1 not in act["checkpointed"]:
         # [ledger] Backward through the last layer's MLP: the loss and head are done, a dequantised weight is live.
         moments["dequantise"] = {**base, "gradients": 0,
-                                 "activations": act["total"] - act["loss"] - act["head"],
+                                 "activations": act["layer"]["total"] if offload
+                                 else act["total"] - act["loss"] - act["head"],
                                  "other": dequantised + a * T * (h + arch.inter)}
-    if cfg.grad_checkpointing:
-        # [ledger] Backward through layer k (from the last down to 0): the inputs of layers 0..k are still saved,
-        # layer k's activations are recomputed, the gradient of its output flows in, and its MLP backward holds
-        # three intermediate-sized gradients (the frozen path's, the adapter's or weight's, and their sum). The
-        # gradients of the layers already done (and of the head) are live: for Full FT that makes the first layer
-        # (processed last) the worst, for LoRA usually the last layer (most inputs still saved).
+    if act["checkpointed"]:
+        # [ledger] Backward through checkpointed layer k (the last checkpointed one, and layer 0): what layers 0..k
+        # saved is still live (a checkpointed layer's input, another layer's activations), layer k's activations are
+        # recomputed, the gradient of its output flows in, and its MLP backward holds three intermediate-sized
+        # gradients (the frozen path's, the adapter's or weight's, and their sum). The gradients of the layers
+        # already done (and of the head) are live, unless each was stepped and freed in backward: for Full FT that
+        # makes the first layer (processed last) the worst, for LoRA usually the last (most inputs still saved).
         p = st.element_bytes
         head_grads = (V * h + h) * p if cfg.method == "full" else 0
         layer_grads = (st.trainable_bytes - (arch.other_params * p if cfg.method == "full" else 0)) // arch.layers
         if cfg.method == "full":
             attn_grads = sum(i * o for leaf, i, o, _ in arch.linears if leaf in ATTENTION_LINEARS) * p
+            widest = max(i * o for _, i, o, _ in arch.linears) * p
         else:
             attn_grads = sum(cfg.lora_r * (i + o) for leaf, i, o, _ in arch.linears
                              if leaf in cfg.lora_targets and leaf in ATTENTION_LINEARS) * p
+            widest = max(cfg.lora_r * max(i, o) for leaf, i, o, _ in arch.linears if leaf in cfg.lora_targets) * p
         temps = a * T * h + 3 * a * T * arch.inter
         one = act["layer"]
-        for name, k in (("recompute_last", arch.layers - 1), ("recompute_first", 0)):
+        for name, k in (("recompute_last", max(act["checkpointed"])), ("recompute_first", 0)):
             done = arch.layers - 1 - k
             grads = head_grads + done * layer_grads + (layer_grads - attn_grads)
-            moments[name] = {**base, "gradients": grads, "activations": (k + 1) * a * T * h + one["total"],
-                             "other": temps}
+            if cfg.optimizer_in_backward:
+                grads = min(grads, widest)
+            below = a * T * h if offload else sum(a * T * h if i in act["checkpointed"] else act["first_layer"]
+                                                  if i == 0 else one["total"] for i in range(k + 1))
+            moments[name] = {**base, "gradients": grads, "activations": below + one["total"], "other": temps}
             if cfg.quantized:  # [bnb][ledger] or while MatMul4Bit holds a dequantised weight in that backward
                 moments[name + "_dequantise"] = {**moments[name], "other": dequantised + a * T * (h + arch.inter)}
             if cfg.attention == "eager":
@@ -315,7 +336,7 @@ def estimate_bytes(cfg: RunConfig, arch: Arch | None = None, device_type: str | 
                 probs = cfg.batch_size * arch.heads * cfg.seq_len ** 2
                 moments[name + "_softmax"] = {
                     **base, "gradients": grads,
-                    "activations": (k + 1) * a * T * h + one["attention"] - a * probs,
+                    "activations": below + one["attention"] - a * probs,
                     "other": a * T * h + 8 * probs}
     sharding = None
     if cfg.shard != "none":  # rank 0's view of every moment (the largest rank), plus what sharding adds
@@ -338,7 +359,6 @@ def estimate_bytes(cfg: RunConfig, arch: Arch | None = None, device_type: str | 
 def largest_fitting(cfg: RunConfig, arch: Arch, field: str, capacity_ok, upper: int) -> int | None:
     """Largest value of `field` (seq_len or batch_size) in [1, upper] whose estimate passes capacity_ok(peak);
     None if even 1 does not. The estimate grows with both, so a binary search is exact."""
-    from dataclasses import replace
 
     def ok(v):
         return capacity_ok(estimate_bytes(replace(cfg, **{field: v}), arch)["bytes"]["peak"])
@@ -350,25 +370,3 @@ def largest_fitting(cfg: RunConfig, arch: Arch, field: str, capacity_ok, upper: 
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if ok(mid) else (lo, mid - 1)
     return lo
-
-
-def adamw_impl(cfg: RunConfig, device_type: str) -> str:
-    """The AdamW implementation a step runs: the config's, or torch's default for the device (for-loop on CPU,
-    foreach on CUDA; qlora.optim.implementation reads the same off a real optimizer)."""
-    if cfg.adamw_impl != "default":
-        return cfg.adamw_impl
-    return "for-loop" if device_type == "cpu" else "foreach"
-
-
-def optimizer_temporaries(cfg: RunConfig, st: Static, device_type: str) -> int:
-    """[torch][ledger] Temporaries of the optimizer step, by AdamW implementation: the for-loop holds two the size of
-    the largest trainable tensor, foreach one copy of all of them, fused none (it updates in place). These are bytes,
-    not device behaviour: the ledger measures them on CPU (tests/test_estimate.py). Mixed precision first upcasts
-    every gradient to fp32 for the masters. bitsandbytes' 8-bit step works in place."""
-    n = sum(st.trainable)
-    moment = st.moment_bytes(cfg)
-    extra = 4 * n if cfg.precision == "mixed" else 0
-    if cfg.optimizer != "adamw":
-        return extra
-    scratch = {"for-loop": 2 * max(st.trainable) * moment, "foreach": n * moment, "fused": 0}
-    return extra + scratch[adamw_impl(cfg, device_type)]

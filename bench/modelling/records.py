@@ -141,5 +141,6 @@ def reuse(previous: list[dict], new: list[dict]) -> list[dict]:
 def _same(a: dict, b: dict) -> bool:
     """The same estimate: the same setting (configs compared with defaults filled in, so a record written before a
     config field existed still matches) and the same figures."""
-    fields = ("bytes", "peak_at", "cards", "fit", "purpose", "backward_start", "sharding", "moments", "optimizer_impl")
+    fields = ("bytes", "peak_at", "cards", "fit", "purpose", "backward_start", "sharding", "moments", "optimizer_impl",
+              "ladder")
     return run_key(a["config"]) == run_key(b["config"]) and all(a.get(f) == b.get(f) for f in fields)

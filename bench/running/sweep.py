@@ -88,7 +88,8 @@ def outcome(r: dict) -> str:
 
 
 def run(plan: str | Path, out: str | Path, *, device: str, budget_gib: float | None = None,
-        timeout_s: float | None = None, dry_run: bool = False, log=print) -> list[dict]:
+        timeout_s: float | None = None, dry_run: bool = False, log=print, runs: list[PlannedRun] | None = None,
+        tag=None) -> list[dict]:
     """Run every run of `plan` not yet recorded in OUT/results.jsonl; returns the plan's records as they stand at
     the end (one per planned run, plus fallbacks), so a caller can tell whether any ended in error.
 
@@ -97,8 +98,11 @@ def run(plan: str | Path, out: str | Path, *, device: str, budget_gib: float | N
     kept. A full-depth run that is oom, in a group with `oom_fallback_layers`, is followed by the same config at
     that depth (extrapolated to full depth), so the report still has a breakdown; it records `fallback_for`.
     Two sweeps on one OUT share the work: each run is claimed (a lock file) by the sweep that runs it.
+
+    `runs`: the runs to make instead of the plan file's (`plan` then only names them in messages; `qlora-bench
+    ladder`); `tag(config)`: fields to add to each new record.
     """
-    runs = checked_runs(plan, device)
+    runs = checked_runs(plan, device) if runs is None else [replace(r, config=_checked(plan, r.config)) for r in runs]
     out = Path(out)
     results = out / "results.jsonl"
     stacks: dict[str, dict] = {}  # a group may pin its own device: each run is keyed by the device it runs on
@@ -136,6 +140,8 @@ def run(plan: str | Path, out: str | Path, *, device: str, budget_gib: float | N
             r = done.get(key_of(cfg))
             if r is None:
                 r = run_isolated(cfg, budget, timeout_s)
+                if tag is not None:
+                    r.update(tag(planned.config))
                 if parent is not None:
                     r["fallback_for"] = parent["id"]
                 record.append(results, r)
