@@ -82,8 +82,17 @@ def rungs(base: RunConfig) -> list[tuple[Saver, RunConfig]]:
         if out and after == cfg:
             continue
         cfg = after
-        out.append((saver, cfg))
+        out.append((saver, with_depth(cfg, base.layers)))
     return out
+
+
+def with_depth(cfg: RunConfig, layers: int | None) -> RunConfig:
+    """cfg at `layers` (None: full depth), or deeper where its checkpointing pattern needs it: extrapolating
+    measures layers/2 and layers, and each must hold whole runs of every-Nth-layer checkpointing."""
+    every = cfg.ckpt_every if cfg.grad_checkpointing else 1
+    if layers is not None and (layers // 2) % every:
+        layers = 2 * every * -(-layers // (2 * every))
+    return replace(cfg, layers=layers)
 
 
 def name(cfg: RunConfig) -> str:

@@ -162,6 +162,10 @@ def check(cfg: RunConfig) -> RunConfig:
     if cfg.layers is not None and cfg.layers < models.hf_config(models.resolve(cfg.model)).num_hidden_layers:
         if cfg.layers < 2:
             raise ConfigError(f"layers must be >= 2 to extrapolate (two depths are fitted), got {cfg.layers}")
+        every = cfg.ckpt_every if cfg.grad_checkpointing else 1
+        if (cfg.layers // 2) % every:  # each depth must hold whole runs of the checkpointing pattern to be linear
+            raise ConfigError(f"layers {cfg.layers} with ckpt_every {every}: both depths measured ({cfg.layers // 2} "
+                              f"and {cfg.layers}) must be multiples of {every}; use --layers {2 * every}")
     return cfg
 
 
