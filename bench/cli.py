@@ -252,7 +252,7 @@ def cmd_report(args) -> int:
     derived = sum(bool(r.get("purpose") or r.get("fit")) for r in records)
     print(f"{len(records)} records ({derived} of them estimates derived for the others) -> {args.out}/: "
           f"{', '.join(files)}")
-    if not derived and any(r["source"] != "estimated" for r in records):
+    if not derived and any(r["source"] != "estimated" and not r.get("ladder") for r in records):
         print("no derived estimates among the inputs: the runs have no estimate beside them and the charts no "
               "curves; `qlora-bench derive RESULTS... --out FILE` makes them, then pass FILE to report too",
               file=sys.stderr)

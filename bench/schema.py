@@ -43,18 +43,22 @@ def run_key(config: dict, **context) -> str:
 
 
 def label(config: dict) -> str:
-    """A run's short name: `llama-2-7b qlora 1x512 ckpt at 2 layers [peft-qlora]`: the recipe its config is (if
-    any) in brackets, a chosen AdamW implementation, and a sharding (`fsdp x2`: per rank, batch per rank)."""
+    """A run's short name: `llama-2-7b qlora 1x512 ckpt at 2 layers [peft-qlora]`: checkpointing (`ckpt/2`: every
+    other layer) and the memory savers on, the recipe its config is (if any) in brackets, a chosen AdamW
+    implementation, and a sharding (`fsdp x2`: per rank, batch per rank)."""
     from bench.recipes import match
 
     recipe = match(config)
-    ckpt = " ckpt" if config.get("grad_checkpointing") else ""
+    every = config.get("ckpt_every", 1)
+    ckpt = (" ckpt" + (f"/{every}" if every != 1 else "")) if config.get("grad_checkpointing") else ""
+    on = (("loss_impl", "chunked-loss"), ("optimizer_in_backward", "opt-in-bwd"), ("offload_activations", "offload"))
+    savers = "".join(f" {name}" for key, name in on if config.get(key) not in (None, False, "standard"))
     depth = f" at {config['layers']} layers" if config.get("layers") is not None else ""
     impl = f" {config['adamw_impl']} adamw" if config.get("adamw_impl", "default") != "default" else ""
     tag = f" [{recipe}]" if recipe else ""
     shard = f" {config['shard']} x{config.get('world_size', 1)}" if config.get("shard", "none") != "none" else ""
-    return (f"{config['model']} {config['method']} {config['batch_size']}x{config['seq_len']}{ckpt}{depth}{impl}"
-            f"{shard}{tag}")
+    return (f"{config['model']} {config['method']} {config['batch_size']}x{config['seq_len']}{ckpt}{savers}{depth}"
+            f"{impl}{shard}{tag}")
 
 
 def device_name(r: dict) -> str:

@@ -58,7 +58,7 @@ def test_the_cpu_rehearsal_checks_the_whole_plan_and_runs_its_small_runs(tmp_pat
     text = (tmp_path / "smoke.md").read_text()
     assert "| smollm2-135m full 1x128: losses finite and falling | pass |" in text
     records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
-    assert sorted(r["config"]["method"] for r in records) == ["full", "lora", "qlora"]
+    assert sorted(r["config"]["method"] for r in records) == ["full", "lora", "qlora", "qlora"]  # + the savers
     assert all(r["status"] == "ok" and r["config"]["device"] == "cpu" for r in records)
     assert len((tmp_path / "estimates.jsonl").read_text().splitlines()) == 3
     assert (tmp_path / "report" / "claims.md").is_file()

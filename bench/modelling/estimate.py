@@ -318,7 +318,7 @@ def estimate_bytes(cfg: RunConfig, arch: Arch | None = None, device_type: str | 
             attn_grads = sum(cfg.lora_r * (i + o) for leaf, i, o, _ in arch.linears
                              if leaf in cfg.lora_targets and leaf in ATTENTION_LINEARS) * p
             widest = max(cfg.lora_r * max(i, o) for leaf, i, o, _ in arch.linears if leaf in cfg.lora_targets) * p
-        temps = a * T * h + 3 * a * T * arch.inter
+        temps = a * T * h + 2 * a * T * arch.inter
         one = act["layer"]
         for name, k in (("recompute_last", max(act["checkpointed"])), ("recompute_first", 0)):
             done = arch.layers - 1 - k

@@ -25,7 +25,8 @@ def optimizer_state(cfg: RunConfig, st, device_type: str) -> int:
     if cfg.optimizer == "paged_adamw32bit":
         return 2 * 4 * n + master
     eight = sum(2 * k + 2 * 4 * math.ceil(k / 256) if k >= 4096 else 8 * k for k in st.trainable)
-    optimizers = len(st.trainable) if cfg.optimizer_in_backward else 1  # each holds its own quantile maps
+    # each optimizer holds its own quantile maps, made for its first tensor of 4096 elements or more
+    optimizers = sum(k >= 4096 for k in st.trainable) if cfg.optimizer_in_backward else 1
     return eight + 2 * 256 * 4 * optimizers + master
 
 

@@ -65,32 +65,38 @@ def _seconds(r: dict | None) -> float | None:
 def table(name: str, rungs: list[Rung]) -> str:
     runs = [g.run for g in rungs if g.run]
     where = device_name(runs[0]) if runs else "no device"
+    sources = sorted({r["source"] for r in runs})
     lines = [f"## {name}", "",
-             f"Measured on {where}" + (f" ({runs[0]['source']}: see each rung)" if runs else "") + "; estimates "
-             "at full depth. GiB = 2^30 bytes. *Saving*: against the rung above. *Step*: median seconds per "
-             "step on this device, and its change against the rung above.", "",
-             "| # | saver | peak (GiB) | saving | " + " | ".join(CATEGORIES) + " | peak falls in | step (s) | "
-             "step change | estimate here (GiB) | error | CUDA estimate (GiB) | CUDA saving |",
-             "|---|---|---|---|" + "---|" * len(CATEGORIES) + "---|---|---|---|---|---|---|"]
+             f"Measured on {where} ({' and '.join(sources) or 'nothing measured'}; *extrapolated*: measured "
+             "at two reduced depths and scaled to full depth); estimates at full depth. GiB = 2^30 bytes. "
+             "*Saving*: against the rung above. *At backward start*: what the step holds as backward starts, "
+             "activations all saved (a saver that targets activations shrinks it even where the peak falls "
+             "elsewhere). *Step*: median seconds per step on this device (extrapolated with the bytes), and its "
+             "change against the rung above.", "",
+             "| # | saver | source | peak (GiB) | saving | " + " | ".join(CATEGORIES) + " | peak falls in | at "
+             "backward start (GiB) | step (s) | step change | estimate here (GiB) | error | CUDA estimate (GiB) | "
+             "CUDA saving |",
+             "|---|---|---|---|---|" + "---|" * len(CATEGORIES) + "---|---|---|---|---|---|---|---|"]
     before = before_cuda = before_s = None
     for g in rungs:
         run, peak, cuda = g.run, _peak(g.run), _peak(g.cuda)
         here = _peak(g.here)
         s = _seconds(run)
+        phase = start = ""
+        cats = [""] * len(CATEGORIES)
         if run is None:
-            cells = ["estimated only (CUDA)" if by_key(g.saver).cuda_only else "not measured", ""]
-            cats = [""] * len(CATEGORIES)
-            phase = ""
+            cells = ["estimated only (CUDA)" if by_key(g.saver).cuda_only else "not measured", "", ""]
         elif peak is None:
-            cells, cats, phase = [f"{run['status']}: {run.get('error', '')}"[:80], ""], [""] * len(CATEGORIES), ""
+            cells = [run["source"], f"{run['status']}: {run.get('error', '')}"[:80], ""]
         else:
-            cells = [f"{_gib(peak)} {run['source'][:5]}.", _saving(peak, before)]
+            cells = [run["source"], _gib(peak), _saving(peak, before)]
             cats = [_gib(run["bytes"][c]) for c in CATEGORIES]
             phase = (run.get("peak_at") or {}).get("phase", "")
+            start = _gib((run.get("backward_start") or {}).get("total"))
         err = f"{here / peak - 1:+.1%}" if here is not None and peak else ""
         change = f"{s / before_s - 1:+.0%}" if s and before_s else ""
         lines.append(f"| {g.index} | {by_key(g.saver).title} | " + " | ".join(cells + cats) +
-                     f" | {phase} | {'' if s is None else f'{s:.2f}'} | {change} | {_gib(here)} | {err} | "
+                     f" | {phase} | {start} | {'' if s is None else f'{s:.2f}'} | {change} | {_gib(here)} | {err} | "
                      f"{_gib(cuda)} | {_saving(cuda, before_cuda)} |")
         before = peak if peak is not None else before
         before_cuda = cuda if cuda is not None else before_cuda

@@ -54,8 +54,10 @@ def environment(device: str) -> dict:
 
 
 def cpu_sized(cfg) -> bool:
-    """Runs the CPU rehearsal can run: the small model with plain AdamW at no more than 2048 tokens a step."""
-    return cfg.model == "smollm2-135m" and cfg.optimizer == "adamw" and cfg.batch_size * cfg.seq_len <= 2048
+    """Runs the CPU rehearsal can run: the small model with plain AdamW at no more than 2048 tokens a step, and no
+    activation offloading (there is no device to offload from)."""
+    return (cfg.model == "smollm2-135m" and cfg.optimizer == "adamw" and cfg.batch_size * cfg.seq_len <= 2048
+            and not cfg.offload_activations)
 
 
 REHEARSAL = {"device": "cpu", "batch_size": 1, "seq_len": 128, "steps": 3}  # the code path in seconds on 2 cores
@@ -90,9 +92,7 @@ def checks(records: list[dict]) -> list[tuple[str, bool, str]]:
     out = []
     for r in records:
         c = r["config"]
-        name = (f"{c['model']} {c['method']} {c['batch_size']}x{c['seq_len']}"
-                + (" ckpt" if c["grad_checkpointing"] else "") + (f" {c['optimizer']}" if c["optimizer"] != "adamw"
-                                                                   else ""))
+        name = label(c).split(" [")[0] + (f" {c['optimizer']}" if c["optimizer"] != "adamw" else "")
         huge = c["batch_size"] * c["seq_len"] >= 2**18
         if huge:
             out.append((f"{name}: a real out-of-memory is recorded oom", r["status"] == "oom", r["error"] or "ok"))
