@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from qlora.config import RunConfig
+from qlora.config import RunConfig, pattern_depth_ok
 
 
 @dataclass(frozen=True)
@@ -87,10 +87,10 @@ def rungs(base: RunConfig) -> list[tuple[Saver, RunConfig]]:
 
 
 def with_depth(cfg: RunConfig, layers: int | None) -> RunConfig:
-    """cfg at `layers` (None: full depth), or deeper where its checkpointing pattern needs it: extrapolating
-    measures layers/2 and layers, and each must hold whole runs of every-Nth-layer checkpointing."""
-    every = cfg.ckpt_every if cfg.grad_checkpointing else 1
-    if layers is not None and (layers // 2) % every:
+    """cfg at `layers` (None: full depth), or deeper where its checkpointing pattern needs it (qlora.config.
+    pattern_depth_ok: extrapolating measures layers/2 and layers, and each must hold whole runs of the pattern)."""
+    if layers is not None and not pattern_depth_ok(cfg, layers):
+        every = cfg.ckpt_every
         layers = 2 * every * -(-layers // (2 * every))
     return replace(cfg, layers=layers)
 

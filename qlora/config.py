@@ -235,6 +235,13 @@ def expand_targets(targets: tuple[str, ...], linears: list[str], model: str) -> 
     return tuple(dict.fromkeys(out))
 
 
+def pattern_depth_ok(cfg: RunConfig, layers: int) -> bool:
+    """Whether `layers` and layers // 2 (the two depths an extrapolation measures) each hold whole runs of cfg's
+    every-Nth-layer checkpointing, so that what one more layer adds is the same at both."""
+    every = cfg.ckpt_every if cfg.grad_checkpointing else 1
+    return layers % every == 0 and (layers // 2) % every == 0
+
+
 def default_lr(method: str) -> float:
     """Learning rates that work for short runs: adapters tolerate (and need) a much larger one than Full FT."""
     return {"full": 2e-5, "lora": 2e-4, "qlora": 2e-4}[method]

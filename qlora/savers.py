@@ -35,9 +35,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     a time; the gradients are computed in forward and held for backward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, target, count: float, chunk: int):
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+    def forward(ctx, hidden, weight, target, count: float, chunk: int, training: bool):
+        grad_hidden = torch.empty_like(hidden) if training and ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight) if training and ctx.needs_input_grad[1] else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
             h, t = hidden[start:start + chunk], target[start:start + chunk]
@@ -67,7 +67,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             grad_hidden.mul_(grad_out.to(grad_hidden.dtype))
         if grad_weight is not None:
             grad_weight.mul_(grad_out.to(grad_weight.dtype))
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, head: nn.Module, labels: torch.Tensor,
@@ -79,8 +79,10 @@ def chunked_cross_entropy(hidden: torch.Tensor, head: nn.Module, labels: torch.T
         raise TypeError(f"chunked loss needs a bias-free nn.Linear head; got {type(head).__name__}")
     target = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(-1).to(hidden.device)
     count = int((target != IGNORE_INDEX).sum()) if num_items_in_batch is None else int(num_items_in_batch)
+    # grad mode is off inside an autograd Function's forward: whether to make gradients is read here (evaluating
+    # with labels computes the loss only)
     return _ChunkedLinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), head.weight, target,
-                                            float(max(count, 1)), chunk_tokens)
+                                            float(max(count, 1)), chunk_tokens, torch.is_grad_enabled())
 
 
 def use_chunked_loss(model: nn.Module) -> None:
@@ -90,27 +92,31 @@ def use_chunked_loss(model: nn.Module) -> None:
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     own = model.forward
-    decoder, head = model.get_decoder(), model.get_output_embeddings()
-    if decoder is None or head is None:
+    if model.get_decoder() is None or model.get_output_embeddings() is None:
         raise TypeError(f"{type(model).__name__} has no decoder and output head to chunk the loss over")
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, num_items_in_batch=None, **kwargs):
         if labels is None:
             return own(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         kwargs.pop("logits_to_keep", None)
-        out = decoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        loss = chunked_cross_entropy(out.last_hidden_state, head, labels, num_items_in_batch)
+        out = self.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        # the head as it is now (an adapter on it would make it no plain Linear: chunked_cross_entropy refuses that)
+        loss = chunked_cross_entropy(out.last_hidden_state, self.get_output_embeddings(), labels, num_items_in_batch)
         return CausalLMOutputWithPast(loss=loss, logits=None)
 
     model.forward = types.MethodType(forward, model)
 
 
 class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
-    """torch.autograd.graph.save_on_cpu (pinned memory), leaving parameters and tiny tensors on the device."""
+    """torch.autograd.graph.save_on_cpu (pinned memory), leaving parameters and tiny tensors on the device.
+    A parameter is known by its storage: a Linear saves `weight.t()`, a view that is not a Parameter itself."""
 
-    def __init__(self):
+    def __init__(self, params=()):
+        kept = {p.untyped_storage().data_ptr() for p in params}
+
         def pack(t: torch.Tensor):
-            if t.device.type == "cpu" or isinstance(t, nn.Parameter) or t.nbytes < OFFLOAD_MIN_BYTES:
+            if (t.device.type == "cpu" or t.nbytes < OFFLOAD_MIN_BYTES or isinstance(t, nn.Parameter)
+                    or t.untyped_storage().data_ptr() in kept):
                 return (None, t)
             host = torch.empty(t.size(), dtype=t.dtype, layout=t.layout, pin_memory=True)
             host.copy_(t)
@@ -129,7 +135,7 @@ def offload_activations(model: nn.Module) -> None:
     own = model.forward
 
     def forward(self, *args, **kwargs):
-        with OffloadActivations():
+        with OffloadActivations(self.parameters()):  # read each call: PEFT adds adapters after this
             return own(*args, **kwargs)
 
     model.forward = types.MethodType(forward, model)

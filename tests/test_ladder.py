@@ -99,10 +99,11 @@ def test_bad_ladder_input_is_one_line(tmp_path, capsys, argv, message):
     assert message in err and len(err.strip().splitlines()) == 1
 
 
-def test_extrapolation_refuses_depths_that_split_the_checkpointing_pattern(capsys):
-    assert main(["measure", "llama-2-7b", "--layers", "2", "--grad-checkpointing", "--ckpt-every", "2",
+@pytest.mark.parametrize("layers, depths", [("2", "1 and 2"), ("5", "2 and 5")])
+def test_extrapolation_refuses_depths_that_split_the_checkpointing_pattern(capsys, layers, depths):
+    assert main(["measure", "llama-2-7b", "--layers", layers, "--grad-checkpointing", "--ckpt-every", "2",
                  "--quiet"]) == 2
-    assert "both depths measured (1 and 2) must be multiples of 2; use --layers 4" in capsys.readouterr().err
+    assert f"both depths measured ({depths}) must be multiples of 2; use --layers 4" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("results", COMMITTED, ids=lambda p: p.parent.name)

@@ -51,6 +51,14 @@ def test_chunked_loss_divides_by_num_items_in_batch_like_transformers():
         chunked_cross_entropy(hidden, torch.nn.Linear(16, 40), labels)
 
 
+def test_evaluating_with_labels_computes_the_loss_only(tiny):
+    built = build(tiny(method="full", precision="fp32", loss_impl="chunked"))
+    batch = _batch(tiny())
+    with torch.no_grad():
+        loss = built.model(input_ids=batch, labels=batch).loss
+    assert loss.grad_fn is None and torch.isfinite(loss)
+
+
 def test_no_labels_runs_the_models_own_forward(tiny):
     """Scoring and generation read logits: without labels the chunked model is the model."""
     built = build(tiny(method="full", precision="fp32", loss_impl="chunked"))

@@ -19,7 +19,7 @@ from bench.measuring.runner import RunFailed, is_oom
 from bench.schema import CATEGORIES, STATIC
 from qlora import models
 from qlora.build import build, count_trainable
-from qlora.config import ConfigError, RunConfig
+from qlora.config import ConfigError, RunConfig, pattern_depth_ok
 from qlora.optim import implementation, make_optimizer
 from qlora.train import timed_steps, train_step
 
@@ -162,8 +162,8 @@ def check(cfg: RunConfig) -> RunConfig:
     if cfg.layers is not None and cfg.layers < models.hf_config(models.resolve(cfg.model)).num_hidden_layers:
         if cfg.layers < 2:
             raise ConfigError(f"layers must be >= 2 to extrapolate (two depths are fitted), got {cfg.layers}")
-        every = cfg.ckpt_every if cfg.grad_checkpointing else 1
-        if (cfg.layers // 2) % every:  # each depth must hold whole runs of the checkpointing pattern to be linear
+        if not pattern_depth_ok(cfg, cfg.layers):  # each depth must hold whole runs of the checkpointing pattern
+            every = cfg.ckpt_every
             raise ConfigError(f"layers {cfg.layers} with ckpt_every {every}: both depths measured ({cfg.layers // 2} "
                               f"and {cfg.layers}) must be multiples of {every}; use --layers {2 * every}")
     return cfg

@@ -288,7 +288,8 @@ def estimate_bytes(cfg: RunConfig, arch: Arch | None = None, device_type: str | 
         # [savers][ledger] The loss in forward, at its first chunk: every activation is saved, and the chunk's fp32
         # logits turning into their gradient hold three chunk x vocab fp32 buffers beside the hidden states' gradient.
         c = min(LOSS_CHUNK_TOKENS, T)
-        moments["loss_forward"] = {**base, "gradients": 0, "activations": 0 if offload else act["total"],
+        # (offloaded: the loss's own gradient buffers are on the device until it saves them)
+        moments["loss_forward"] = {**base, "gradients": 0, "activations": act["loss"] if offload else act["total"],
                                    "other": 12 * c * V + a * T * h}
     # Optimizer step: every gradient is live, activations are gone, plus the step's temporaries. In backward, one
     # tensor's step at a time: its gradient and its temporaries.
@@ -304,10 +305,10 @@ def estimate_bytes(cfg: RunConfig, arch: Arch | None = None, device_type: str | 
     if act["checkpointed"]:
         # [ledger] Backward through checkpointed layer k (the last checkpointed one, and layer 0): what layers 0..k
         # saved is still live (a checkpointed layer's input, another layer's activations), layer k's activations are
-        # recomputed, the gradient of its output flows in, and its MLP backward holds three intermediate-sized
-        # gradients (the frozen path's, the adapter's or weight's, and their sum). The gradients of the layers
-        # already done (and of the head) are live, unless each was stepped and freed in backward: for Full FT that
-        # makes the first layer (processed last) the worst, for LoRA usually the last (most inputs still saved).
+        # recomputed, the gradient of its output flows in, and its MLP backward holds two intermediate-sized
+        # gradients (the frozen path's and the adapter's or weight's, before they are summed). The gradients of the
+        # layers already done (and of the head) are live, unless each was stepped and freed in backward: for Full FT
+        # that makes the first layer (processed last) the worst, for LoRA usually the last (most inputs still saved).
         p = st.element_bytes
         head_grads = (V * h + h) * p if cfg.method == "full" else 0
         layer_grads = (st.trainable_bytes - (arch.other_params * p if cfg.method == "full" else 0)) // arch.layers

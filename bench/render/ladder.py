@@ -44,6 +44,13 @@ def ladders(records: list[dict]) -> dict[str, list[Rung]]:
     return {name: [rungs[i] for i in sorted(rungs)] for name, rungs in sorted(out.items())}
 
 
+def _estimate_here(g: Rung) -> dict | None:
+    """The estimate for the device the rung ran on: on a CUDA run, the CUDA estimate is that one."""
+    if g.here is None and g.run is not None and g.run["config"]["device"].startswith("cuda"):
+        return g.cuda
+    return g.here
+
+
 def _peak(r: dict | None) -> int | None:
     return r["bytes"]["peak"] if r and r.get("status") == "ok" and r.get("bytes") else None
 
@@ -80,7 +87,7 @@ def table(name: str, rungs: list[Rung]) -> str:
     before = before_cuda = before_s = None
     for g in rungs:
         run, peak, cuda = g.run, _peak(g.run), _peak(g.cuda)
-        here = _peak(g.here)
+        here = _peak(_estimate_here(g))
         s = _seconds(run)
         phase = start = ""
         cats = [""] * len(CATEGORIES)
@@ -106,7 +113,7 @@ def table(name: str, rungs: list[Rung]) -> str:
         c = g.confirmed
         lines += ["", f"Rung {g.index} ({by_key(g.saver).title}) measured again at full depth: "
                   + (f"**{_gib(_peak(c))} GiB** at the peak (measured; extrapolated {_gib(_peak(g.run))} GiB, "
-                     f"estimated {_gib(_peak(g.here))} GiB), step {c.get('step_seconds') or 0:.1f} s."
+                     f"estimated {_gib(_peak(_estimate_here(g)))} GiB), step {c.get('step_seconds') or 0:.1f} s."
                      if _peak(c) else f"{c['status']}: {c.get('error', '')}")]
     lines += ["", "Rungs: " + "; ".join(f"{g.index} {by_key(g.saver).key}: {by_key(g.saver).about}" for g in rungs)
               + ".", ""]
