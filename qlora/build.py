@@ -97,8 +97,9 @@ def enable_checkpointing(model: nn.Module, every: int = 1) -> None:
         enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    for i, layer in enumerate(models.layers_of(model)):
-        layer.gradient_checkpointing = i % every == 0
+    if every > 1:
+        for i, layer in enumerate(models.layers_of(model)):
+            layer.gradient_checkpointing = i % every == 0
 
 
 def _materialise_(module: nn.Module, device: torch.device, init) -> None:
